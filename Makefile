@@ -1,0 +1,40 @@
+# llmo — common tasks. `make test` is what CI runs (through .ci/run).
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/llmo/target
+export CARGO_BUILD_JOBS ?= 2
+export LLMO_CACHE ?= $(HOME)/.cache/llmo
+CARGO ?= cargo
+
+.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+build: ## Build every binary (release)
+	$(CARGO) build --workspace --release
+
+test: fmt-check clippy crd-check fetch-model unit ## Everything CI checks: format, lints, CRD drift, all tests
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## Fail when the code is not formatted
+	$(CARGO) fmt --all --check
+
+clippy: ## Lints, warnings are errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+crds: ## Regenerate crds/ from the API types
+	$(CARGO) run --quiet -p llmo-operator -- crdgen --dir crds
+
+crd-check: ## Fail when crds/ differs from the API types
+	$(CARGO) run --quiet -p llmo-operator -- crdgen --dir crds --check
+
+fetch-model: ## Download the bundled model (SmolLM2-135M-Instruct GGUF) into $(LLMO_CACHE)/models
+	bash scripts/fetch-model.sh
+
+unit: ## Run every test of the workspace
+	$(CARGO) test --workspace --no-fail-fast
+
+clean: ## Remove build outputs (the model cache stays)
+	$(CARGO) clean

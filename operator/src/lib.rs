@@ -1,0 +1,6 @@
+//! The llmo operator: API types, layout planning, placement, reconciliation and autoscaling of
+//! LLM deployments on Kubernetes.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod crdgen;

@@ -1,0 +1,27 @@
+//! End-to-end tests of llmo and the helpers they share: locating the repository's manifests
+//! and checking objects the way an API server would (OpenAPI schema, then CEL rules).
+#![forbid(unsafe_code)]
+
+pub mod server_side;
+
+use std::path::{Path, PathBuf};
+
+/// The repository root (the parent of this crate's directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the repository")
+        .to_path_buf()
+}
+
+/// The YAML files of a repository directory, sorted by name.
+pub fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = repo_root().join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("readable directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
