@@ -4,3 +4,6 @@
 
 pub mod api;
 pub mod crdgen;
+pub mod placement;
+pub mod plan;
+pub mod preview;

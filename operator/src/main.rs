@@ -25,6 +25,22 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Preview what the operator would do with a manifest: precision, layout, memory per GPU,
+    /// KV tokens, cost and (with --inventory) placement. Touches no cluster.
+    Plan {
+        /// Manifest files holding ModelDeployments (and optionally GPUClasses).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Files with GPUClass definitions, e.g. examples/gpuclasses.yaml.
+        #[arg(long)]
+        classes: Vec<PathBuf>,
+        /// A YAML file of GPUNode objects (as `kubectl get gpunodes -o yaml` lists them).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// The model's Hugging Face config.json, read instead of the spec's size hints.
+        #[arg(long)]
+        model_config: Option<PathBuf>,
+    },
     /// Check llmo manifests offline: schema shape and every validation rule.
     Validate {
         /// Manifest files (multi-document YAML); `-` reads standard input.
@@ -38,6 +54,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crdgen { dir, stdout, check } => run_crdgen(&dir, stdout, check),
         Command::Validate { files } => run_validate(&files),
+        Command::Plan {
+            files,
+            classes,
+            inventory,
+            model_config,
+        } => run_plan(
+            &files,
+            &classes,
+            inventory.as_deref(),
+            model_config.as_deref(),
+        ),
     }
 }
 
@@ -94,6 +121,86 @@ fn run_validate(files: &[PathBuf]) -> ExitCode {
                 }
             }
         }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn read_objects(files: &[PathBuf]) -> Result<Vec<api::Manifest>, String> {
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        if file.extension().is_some_and(|e| e == "json") {
+            continue;
+        }
+        for result in api::parse_manifests(&text) {
+            out.push(result.map_err(|e| format!("{}: {e}", file.display()))?);
+        }
+    }
+    Ok(out)
+}
+
+fn run_plan(
+    files: &[PathBuf],
+    classes: &[PathBuf],
+    inventory: Option<&std::path::Path>,
+    model_config: Option<&std::path::Path>,
+) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::FAILURE
+    };
+    let objects = match read_objects(&[files, classes].concat()) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let nodes: Option<Vec<api::GPUNode>> = match inventory {
+        None => None,
+        Some(path) => match read_objects(&[path.to_path_buf()]) {
+            Ok(objects) => Some(
+                objects
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        api::Manifest::GpuNode(n) => Some(*n),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            Err(e) => return fail(e),
+        },
+    };
+    let config = match model_config.map(std::fs::read_to_string).transpose() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("--model-config: {e}")),
+    };
+    let gpu_classes: Vec<api::GPUClass> = objects
+        .iter()
+        .filter_map(|m| match m {
+            api::Manifest::GpuClass(c) => Some((**c).clone()),
+            _ => None,
+        })
+        .collect();
+    let mut failed = false;
+    let mut any = false;
+    for object in &objects {
+        let api::Manifest::ModelDeployment(md) = object else {
+            continue;
+        };
+        any = true;
+        match llmo_operator::preview::preview(md, &gpu_classes, nodes.as_deref(), config.as_deref())
+        {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}\n");
+                failed = true;
+            }
+        }
+    }
+    if !any {
+        return fail("no ModelDeployment in the given files".into());
     }
     if failed {
         ExitCode::FAILURE

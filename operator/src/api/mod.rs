@@ -17,7 +17,10 @@ pub use gpu_node::*;
 pub use manifest::{parse_manifests, Manifest, ManifestError};
 pub use model_deployment::*;
 pub use parallelism::{ParallelDegree, MAX_PARALLEL_DEGREE};
-pub use validation::{validate_gpu_class, validate_model_deployment, FieldError, ValidationErrors};
+pub use validation::{
+    parse_parameter_count, validate_gpu_class, validate_model_deployment, FieldError,
+    ValidationErrors,
+};
 
 /// API group of every llmo resource.
 pub const GROUP: &str = "llmo.dev";

@@ -1,0 +1,312 @@
+//! Placement: which nodes and GPUs each replica group of a plan runs on. Pure and deterministic:
+//! the same inventory and plan always give the same answer.
+//!
+//! For each rank (pipeline stage) of a group, a node must offer `tensor` GPUs that are healthy,
+//! not MIG-partitioned, not already taken, and each with the plan's memory free. Among nodes that
+//! can, the choice prefers, in order: a node without other groups of the same deployment (spread),
+//! a zone without them, NVLink-connected GPU sets when tensor > 1, healthy over degraded GPUs,
+//! and cool GPUs over hot ones; ties go to the node name.
+
+mod inventory;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use inventory::{NodeInventory, ZONE_LABEL};
+
+use crate::api::{GpuDevice, GpuHealth, RankPlacement};
+
+/// What one replica group needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRequest {
+    /// GPUClass the nodes must have.
+    pub gpu_class: String,
+    /// GPUs per rank (tensor degree).
+    pub tensor: u32,
+    /// Ranks per group (pipeline degree).
+    pub pipeline: u32,
+    /// Free memory each chosen GPU must have, MiB.
+    pub memory_mib: u64,
+}
+
+/// GPUs already in use: node name to GPU indices.
+pub type TakenGpus = BTreeMap<String, BTreeSet<u32>>;
+
+/// Why a group could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "needs {needed} {class} GPU{plural} with {memory} free on one node for rank {rank}; {best}"
+)]
+pub struct PlacementError {
+    /// Rank that could not be placed.
+    pub rank: u32,
+    /// GPUs needed on one node.
+    pub needed: u32,
+    /// GPU class.
+    pub class: String,
+    /// Memory needed per GPU, formatted.
+    pub memory: String,
+    /// `s` or nothing.
+    plural: &'static str,
+    /// The best node and why it falls short, or why no node is a candidate.
+    pub best: String,
+}
+
+/// Places one replica group, marking its GPUs in `taken`. `spread` counts groups of the same
+/// deployment per node and per zone, and is updated too.
+pub fn place_group(
+    request: &GroupRequest,
+    nodes: &[NodeInventory],
+    taken: &mut TakenGpus,
+    spread: &mut Spread,
+) -> Result<Vec<RankPlacement>, PlacementError> {
+    let mut ranks = Vec::with_capacity(request.pipeline as usize);
+    let mut chosen_here: Vec<(String, Vec<u32>)> = Vec::new();
+    for rank in 0..request.pipeline {
+        let best = nodes
+            .iter()
+            .filter(|n| {
+                n.gpu_class.as_deref() == Some(request.gpu_class.as_str()) && !n.unschedulable
+            })
+            .filter_map(|n| {
+                let gpus = choose_gpus(n, request, taken.get(&n.name))?;
+                Some((score(n, &gpus, spread), n, gpus))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let Some((_, node, gpus)) = best else {
+            // Give back what earlier ranks of this group took.
+            for (name, indices) in chosen_here {
+                if let Some(set) = taken.get_mut(&name) {
+                    for i in indices {
+                        set.remove(&i);
+                    }
+                }
+            }
+            return Err(explain(request, rank, nodes, taken));
+        };
+        let indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
+        taken
+            .entry(node.name.clone())
+            .or_default()
+            .extend(indices.iter().copied());
+        chosen_here.push((node.name.clone(), indices.clone()));
+        ranks.push(RankPlacement {
+            rank,
+            node: node.name.clone(),
+            gpus: indices,
+        });
+    }
+    for r in &ranks {
+        spread.add(r, nodes);
+    }
+    Ok(ranks)
+}
+
+/// Groups of one deployment already on each node and zone.
+#[derive(Debug, Clone, Default)]
+pub struct Spread {
+    per_node: BTreeMap<String, u32>,
+    per_zone: BTreeMap<String, u32>,
+}
+
+impl Spread {
+    /// Counts an existing rank of the deployment.
+    pub fn add(&mut self, rank: &RankPlacement, nodes: &[NodeInventory]) {
+        *self.per_node.entry(rank.node.clone()).or_default() += 1;
+        if let Some(zone) = nodes
+            .iter()
+            .find(|n| n.name == rank.node)
+            .and_then(|n| n.zone.clone())
+        {
+            *self.per_zone.entry(zone).or_default() += 1;
+        }
+    }
+}
+
+fn eligible<'a>(
+    node: &'a NodeInventory,
+    request: &GroupRequest,
+    taken: Option<&'a BTreeSet<u32>>,
+) -> impl Iterator<Item = &'a GpuDevice> + 'a {
+    let memory = request.memory_mib;
+    node.gpus.iter().filter(move |g| {
+        g.health != GpuHealth::Unhealthy
+            && !g.mig_enabled
+            && g.memory_free_mib >= memory
+            && !taken.is_some_and(|t| t.contains(&g.index))
+    })
+}
+
+/// The GPUs of `node` a rank would use: an NVLink clique when one exists, else the coolest.
+fn choose_gpus<'a>(
+    node: &'a NodeInventory,
+    request: &GroupRequest,
+    taken: Option<&'a BTreeSet<u32>>,
+) -> Option<Vec<&'a GpuDevice>> {
+    let need = request.tensor as usize;
+    if (node.allocatable_gpus as usize) < need {
+        return None;
+    }
+    let mut candidates: Vec<&GpuDevice> = eligible(node, request, taken).collect();
+    if candidates.len() < need {
+        return None;
+    }
+    // Healthy before degraded, then cool before hot, then by index.
+    candidates.sort_by_key(|g| {
+        (
+            g.health != GpuHealth::Healthy,
+            g.utilization_percent,
+            g.index,
+        )
+    });
+    if need > 1 {
+        // Grow a clique greedily from every seed (coolest members first) and keep the one whose
+        // worst member is best; NVLink sets on one node are small, so this stays cheap.
+        let best = candidates
+            .iter()
+            .filter_map(|seed| {
+                let mut clique = vec![*seed];
+                for other in &candidates {
+                    if clique.len() < need
+                        && clique.iter().all(|c| {
+                            c.index != other.index && c.nvlink_peers.contains(&other.index)
+                        })
+                    {
+                        clique.push(other);
+                    }
+                }
+                (clique.len() == need).then_some(clique)
+            })
+            .min_by_key(|clique| {
+                let degraded = clique
+                    .iter()
+                    .filter(|g| g.health != GpuHealth::Healthy)
+                    .count();
+                let heat = clique
+                    .iter()
+                    .map(|g| g.utilization_percent)
+                    .max()
+                    .unwrap_or(0);
+                let mut indices: Vec<u32> = clique.iter().map(|g| g.index).collect();
+                indices.sort_unstable();
+                (degraded, heat, indices)
+            });
+        if let Some(mut clique) = best {
+            clique.sort_by_key(|g| g.index);
+            return Some(clique);
+        }
+    }
+    let mut chosen: Vec<&GpuDevice> = candidates.into_iter().take(need).collect();
+    chosen.sort_by_key(|g| g.index);
+    Some(chosen)
+}
+
+/// Lower is better; compared lexicographically.
+fn score(
+    node: &NodeInventory,
+    gpus: &[&GpuDevice],
+    spread: &Spread,
+) -> (u32, u32, bool, usize, u32) {
+    let on_node = spread.per_node.get(&node.name).copied().unwrap_or(0);
+    let in_zone = node
+        .zone
+        .as_ref()
+        .and_then(|z| spread.per_zone.get(z).copied())
+        .unwrap_or(0);
+    let linked = gpus.len() <= 1
+        || gpus.iter().all(|a| {
+            gpus.iter()
+                .all(|b| a.index == b.index || a.nvlink_peers.contains(&b.index))
+        });
+    let degraded = gpus
+        .iter()
+        .filter(|g| g.health != GpuHealth::Healthy)
+        .count();
+    let heat = gpus
+        .iter()
+        .map(|g| g.utilization_percent)
+        .max()
+        .unwrap_or(0);
+    (on_node, in_zone, !linked, degraded, heat)
+}
+
+fn explain(
+    request: &GroupRequest,
+    rank: u32,
+    nodes: &[NodeInventory],
+    taken: &TakenGpus,
+) -> PlacementError {
+    let of_class: Vec<&NodeInventory> = nodes
+        .iter()
+        .filter(|n| n.gpu_class.as_deref() == Some(request.gpu_class.as_str()))
+        .collect();
+    let best = if of_class.is_empty() {
+        format!("no node reports GPU class {}", request.gpu_class)
+    } else {
+        let schedulable: Vec<&&NodeInventory> =
+            of_class.iter().filter(|n| !n.unschedulable).collect();
+        match schedulable
+            .iter()
+            .map(|n| (eligible(n, request, taken.get(&n.name)).count(), *n))
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.name.cmp(&a.1.name)))
+        {
+            None => format!(
+                "all {} {} nodes are marked unschedulable",
+                of_class.len(),
+                request.gpu_class
+            ),
+            Some((count, node)) => {
+                let t = taken.get(&node.name);
+                let mut why = Vec::new();
+                let busy = node
+                    .gpus
+                    .iter()
+                    .filter(|g| t.is_some_and(|t| t.contains(&g.index)))
+                    .count();
+                let sick = node
+                    .gpus
+                    .iter()
+                    .filter(|g| g.health == GpuHealth::Unhealthy)
+                    .count();
+                let mig = node.gpus.iter().filter(|g| g.mig_enabled).count();
+                let small = node
+                    .gpus
+                    .iter()
+                    .filter(|g| {
+                        g.memory_free_mib < request.memory_mib && g.health != GpuHealth::Unhealthy
+                    })
+                    .count();
+                for (n, what) in [
+                    (busy, "taken"),
+                    (sick, "unhealthy"),
+                    (mig, "in MIG mode"),
+                    (small, "with too little free memory"),
+                ] {
+                    if n > 0 {
+                        why.push(format!("{n} {what}"));
+                    }
+                }
+                format!(
+                    "best node {} has {count} of {} GPUs usable{}",
+                    node.name,
+                    node.gpus.len(),
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", why.join(", "))
+                    }
+                )
+            }
+        }
+    };
+    PlacementError {
+        rank,
+        needed: request.tensor,
+        class: request.gpu_class.clone(),
+        memory: format!("{:.1}GiB", request.memory_mib as f64 / 1024.0),
+        plural: if request.tensor == 1 { "" } else { "s" },
+        best,
+    }
+}
+
+#[cfg(test)]
+mod tests;
