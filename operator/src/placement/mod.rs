@@ -9,7 +9,7 @@
 
 mod inventory;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 
 pub use inventory::{NodeInventory, ZONE_LABEL};
 
@@ -28,8 +28,9 @@ pub struct GroupRequest {
     pub memory_mib: u64,
 }
 
-/// GPUs already in use: node name to GPU indices.
-pub type TakenGpus = BTreeMap<String, BTreeSet<u32>>;
+/// GPUs already in use: node name to GPU indices. A hash map: it is read once per node per
+/// decision, which dominates the cost of placing into a large fleet.
+pub type TakenGpus = HashMap<String, BTreeSet<u32>>;
 
 /// Why a group could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,8 +105,8 @@ pub fn place_group(
 /// Groups of one deployment already on each node and zone.
 #[derive(Debug, Clone, Default)]
 pub struct Spread {
-    per_node: BTreeMap<String, u32>,
-    per_zone: BTreeMap<String, u32>,
+    per_node: HashMap<String, u32>,
+    per_zone: HashMap<String, u32>,
 }
 
 impl Spread {
@@ -146,10 +147,9 @@ fn choose_gpus<'a>(
     if (node.allocatable_gpus as usize) < need {
         return None;
     }
+    // Cheap rejection first: most nodes of a busy fleet have too few usable GPUs.
+    eligible(node, request, taken).nth(need.saturating_sub(1))?;
     let mut candidates: Vec<&GpuDevice> = eligible(node, request, taken).collect();
-    if candidates.len() < need {
-        return None;
-    }
     // Healthy before degraded, then cool before hot, then by index.
     candidates.sort_by_key(|g| {
         (
@@ -158,44 +158,68 @@ fn choose_gpus<'a>(
             g.index,
         )
     });
-    if need > 1 {
-        // Grow a clique greedily from every seed (coolest members first) and keep the one whose
-        // worst member is best; NVLink sets on one node are small, so this stays cheap.
-        let best = candidates
-            .iter()
-            .filter_map(|seed| {
-                let mut clique = vec![*seed];
-                for other in &candidates {
-                    if clique.len() < need
-                        && clique.iter().all(|c| {
-                            c.index != other.index && c.nvlink_peers.contains(&other.index)
-                        })
-                    {
-                        clique.push(other);
-                    }
-                }
-                (clique.len() == need).then_some(clique)
-            })
-            .min_by_key(|clique| {
-                let degraded = clique
-                    .iter()
-                    .filter(|g| g.health != GpuHealth::Healthy)
-                    .count();
-                let heat = clique
-                    .iter()
-                    .map(|g| g.utilization_percent)
-                    .max()
-                    .unwrap_or(0);
-                let mut indices: Vec<u32> = clique.iter().map(|g| g.index).collect();
-                indices.sort_unstable();
-                (degraded, heat, indices)
-            });
-        if let Some(mut clique) = best {
-            clique.sort_by_key(|g| g.index);
+    if need > 1 && candidates.len() <= 64 {
+        if let Some(clique) = best_nvlink_clique(&candidates, need) {
             return Some(clique);
         }
     }
     let mut chosen: Vec<&GpuDevice> = candidates.into_iter().take(need).collect();
+    chosen.sort_by_key(|g| g.index);
+    Some(chosen)
+}
+
+/// Grows a clique greedily from every seed (best members first) and keeps the one whose worst
+/// member is best. Positions in `candidates` are bits of a mask, so no allocation per seed.
+fn best_nvlink_clique<'a>(candidates: &[&'a GpuDevice], need: usize) -> Option<Vec<&'a GpuDevice>> {
+    let peers: Vec<u64> = candidates
+        .iter()
+        .map(|g| {
+            candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| g.nvlink_peers.contains(&o.index))
+                .fold(0u64, |mask, (j, _)| mask | (1 << j))
+        })
+        .collect();
+    let mut best: Option<((usize, u32, u64), u64)> = None;
+    for seed in 0..candidates.len() {
+        let mut clique = 1u64 << seed;
+        let mut size = 1;
+        for (j, peer_mask) in peers.iter().enumerate() {
+            if size == need {
+                break;
+            }
+            // j joins when every member so far is its peer.
+            if clique & (1 << j) == 0 && peer_mask & clique == clique {
+                clique |= 1 << j;
+                size += 1;
+            }
+        }
+        if size < need {
+            continue;
+        }
+        let members = (0..candidates.len()).filter(|j| clique & (1 << j) != 0);
+        let degraded = members
+            .clone()
+            .filter(|&j| candidates[j].health != GpuHealth::Healthy)
+            .count();
+        let heat = members
+            .clone()
+            .map(|j| candidates[j].utilization_percent)
+            .max()
+            .unwrap_or(0);
+        let by_index = members.fold(0u64, |m, j| m | (1u64 << candidates[j].index.min(63)));
+        // Among equals, the set with the lowest GPU indices.
+        let key = (degraded, heat, !by_index.reverse_bits());
+        if best.is_none_or(|(k, _)| key < k) {
+            best = Some((key, clique));
+        }
+    }
+    let (_, clique) = best?;
+    let mut chosen: Vec<&GpuDevice> = (0..candidates.len())
+        .filter(|j| clique & (1 << j) != 0)
+        .map(|j| candidates[j])
+        .collect();
     chosen.sort_by_key(|g| g.index);
     Some(chosen)
 }
