@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use kube::ResourceExt;
 
 use crate::{
-    api::{GPUClass, GPUNode, ModelDeployment},
+    api::{quantity::parse_quantity, DeviceKind, GPUClass, GPUNode, ModelDeployment},
     placement::{place_group, GroupRequest, NodeInventory, Spread, TakenGpus},
     plan::{plan_layout, Hardware, ModelArch, Plan, PlanError, PlanRequest},
 };
@@ -53,6 +53,25 @@ pub fn plan_request<'a>(
     }
 }
 
+/// The hardware a ModelDeployment plans against: its GPUClass, except that on `cpu` classes a
+/// memory limit in `spec.serving.resources` bounds what the engine may use.
+pub fn hardware_for(md: &ModelDeployment, class: &GPUClass) -> Result<Hardware, PlanError> {
+    let mut hw = Hardware::from_class(&class.name_any(), &class.spec)?;
+    let limit = md
+        .spec
+        .serving
+        .resources
+        .as_ref()
+        .and_then(|r| r.memory.as_ref());
+    if let (DeviceKind::Cpu, Some(limit)) = (hw.device, limit) {
+        let bytes = parse_quantity(&limit.0).map_err(|e| PlanError::Architecture {
+            message: format!("spec.serving.resources.memory: {e}"),
+        })?;
+        hw.memory = hw.memory.min(bytes);
+    }
+    Ok(hw)
+}
+
 /// Plans (and, with an inventory, places `replicas.min` groups of) one ModelDeployment and
 /// renders the result as a table.
 pub fn preview(
@@ -83,7 +102,7 @@ pub fn preview(
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
-    let hw = Hardware::from_class(class_name, &class.spec).map_err(plan_err)?;
+    let hw = hardware_for(md, class).map_err(plan_err)?;
     let arch = match (model_config, &md.spec.model.architecture) {
         (Some(json), _) => ModelArch::from_hf_config(json),
         (None, Some(hints)) => ModelArch::from_hints(hints),
