@@ -37,7 +37,7 @@ enum Command {
         /// A YAML file of GPUNode objects (as `kubectl get gpunodes -o yaml` lists them).
         #[arg(long)]
         inventory: Option<PathBuf>,
-        /// The model's Hugging Face config.json, read instead of the spec's size hints.
+        /// The model's Hugging Face config.json or GGUF file, read instead of the size hints.
         #[arg(long)]
         model_config: Option<PathBuf>,
     },
@@ -172,8 +172,11 @@ fn run_plan(
             Err(e) => return fail(e),
         },
     };
-    let config = match model_config.map(std::fs::read_to_string).transpose() {
-        Ok(c) => c,
+    let model = match model_config
+        .map(llmo_operator::preview::read_model_file)
+        .transpose()
+    {
+        Ok(m) => m,
         Err(e) => return fail(format!("--model-config: {e}")),
     };
     let gpu_classes: Vec<api::GPUClass> = objects
@@ -190,8 +193,7 @@ fn run_plan(
             continue;
         };
         any = true;
-        match llmo_operator::preview::preview(md, &gpu_classes, nodes.as_deref(), config.as_deref())
-        {
+        match llmo_operator::preview::preview(md, &gpu_classes, nodes.as_deref(), model.as_ref()) {
             Ok(text) => println!("{text}"),
             Err(e) => {
                 eprintln!("error: {e}\n");

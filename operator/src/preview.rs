@@ -72,13 +72,28 @@ pub fn hardware_for(md: &ModelDeployment, class: &GPUClass) -> Result<Hardware, 
     Ok(hw)
 }
 
+/// Reads a model's shapes from a Hugging Face `config.json` or a GGUF file, by content.
+pub fn read_model_file(path: &std::path::Path) -> Result<ModelArch, PlanError> {
+    let io = |e: std::io::Error| PlanError::Architecture {
+        message: format!("{}: {e}", path.display()),
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut magic = [0u8; 4];
+    let is_gguf = std::io::Read::read(&mut file, &mut magic).map_err(io)? == 4 && &magic == b"GGUF";
+    if is_gguf {
+        ModelArch::from_gguf(std::fs::File::open(path).map_err(io)?)
+    } else {
+        ModelArch::from_hf_config(&std::fs::read_to_string(path).map_err(io)?)
+    }
+}
+
 /// Plans (and, with an inventory, places `replicas.min` groups of) one ModelDeployment and
 /// renders the result as a table.
 pub fn preview(
     md: &ModelDeployment,
     classes: &[GPUClass],
     inventory: Option<&[GPUNode]>,
-    model_config: Option<&str>,
+    model: Option<&ModelArch>,
 ) -> Result<String, PreviewError> {
     let deployment = format!(
         "{}/{}",
@@ -103,8 +118,8 @@ pub fn preview(
                 .join(", "),
         })?;
     let hw = hardware_for(md, class).map_err(plan_err)?;
-    let arch = match (model_config, &md.spec.model.architecture) {
-        (Some(json), _) => ModelArch::from_hf_config(json),
+    let arch = match (model, &md.spec.model.architecture) {
+        (Some(arch), _) => Ok(arch.clone()),
         (None, Some(hints)) => ModelArch::from_hints(hints),
         (None, None) => Err(PlanError::Architecture {
             message: "no size hints in spec.model.architecture and no --model-config given".into(),

@@ -112,3 +112,29 @@ fn an_unknown_class_says_how_to_pass_classes() {
     assert!(err.contains("GPUClass \"l4\" is not defined"), "{err}");
     assert!(err.contains("--classes"), "{err}");
 }
+
+#[test]
+fn reads_the_model_from_a_gguf_file() {
+    let model = std::env::var("LLMO_TEST_MODEL").unwrap_or_else(|_| {
+        let cache = std::env::var("LLMO_CACHE")
+            .unwrap_or_else(|_| format!("{}/.cache/llmo", std::env::var("HOME").unwrap()));
+        format!("{cache}/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(
+        Path::new(&model).exists(),
+        "{model} is missing; run scripts/fetch-model.sh first"
+    );
+    let (ok, out, err) = plan(&[
+        "-f",
+        "examples/smollm2-cpu.yaml",
+        "--classes",
+        "examples/gpuclasses.yaml",
+        "--model-config",
+        &model,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("(134M parameters)") || out.contains("(135M parameters)"),
+        "{out}"
+    );
+}

@@ -13,6 +13,7 @@
 
 mod arch;
 mod cost;
+mod gguf;
 mod search;
 
 use std::time::Duration;
