@@ -7,3 +7,4 @@ pub mod crdgen;
 pub mod placement;
 pub mod plan;
 pub mod preview;
+pub mod workload;

@@ -19,7 +19,7 @@ pub use model_deployment::*;
 pub use parallelism::{ParallelDegree, MAX_PARALLEL_DEGREE};
 pub use validation::{
     parse_parameter_count, validate_gpu_class, validate_model_deployment, FieldError,
-    ValidationErrors,
+    ValidationErrors, MAX_NAME_LEN,
 };
 
 /// API group of every llmo resource.
