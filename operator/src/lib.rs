@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod crdgen;
+pub mod inventory;
 pub mod placement;
 pub mod plan;
 pub mod preview;

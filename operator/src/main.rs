@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         model_config: Option<PathBuf>,
     },
+    /// Run the node agent: read this node's GPUs and keep its GPUNode status current.
+    Agent(llmo_operator::inventory::AgentArgs),
     /// Check llmo manifests offline: schema shape and every validation rule.
     Validate {
         /// Manifest files (multi-document YAML); `-` reads standard input.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crdgen { dir, stdout, check } => run_crdgen(&dir, stdout, check),
         Command::Validate { files } => run_validate(&files),
+        Command::Agent(args) => llmo_operator::inventory::main(args),
         Command::Plan {
             files,
             classes,
