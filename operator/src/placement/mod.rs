@@ -63,16 +63,31 @@ pub fn place_group(
     let mut ranks = Vec::with_capacity(request.pipeline as usize);
     let mut chosen_here: Vec<(String, Vec<u32>)> = Vec::new();
     for rank in 0..request.pipeline {
-        let best = nodes
-            .iter()
-            .filter(|n| {
-                n.gpu_class.as_deref() == Some(request.gpu_class.as_str()) && !n.unschedulable
-            })
-            .filter_map(|n| {
-                let gpus = choose_gpus(n, request, taken.get(&n.name))?;
-                Some((score(n, &gpus, spread), n, gpus))
-            })
-            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let mut best: Option<(Score, &NodeInventory, Vec<&GpuDevice>)> = None;
+        for node in nodes.iter().filter(|n| {
+            n.gpu_class.as_deref() == Some(request.gpu_class.as_str()) && !n.unschedulable
+        }) {
+            let node_taken = taken.get(&node.name);
+            // Skip the GPU choice where even the best possible set cannot win.
+            let Some(bound) = score_bound(node, request, node_taken, spread) else {
+                continue;
+            };
+            if let Some((s, b, _)) = &best {
+                if (bound, &node.name) > (*s, &b.name) {
+                    continue;
+                }
+            }
+            let Some(gpus) = choose_gpus(node, request, node_taken) else {
+                continue;
+            };
+            let s = score(node, &gpus, spread);
+            if best
+                .as_ref()
+                .is_none_or(|(bs, b, _)| (s, &node.name) < (*bs, &b.name))
+            {
+                best = Some((s, node, gpus));
+            }
+        }
         let Some((_, node, gpus)) = best else {
             // Give back what earlier ranks of this group took.
             for (name, indices) in chosen_here {
@@ -224,18 +239,57 @@ fn best_nvlink_clique<'a>(candidates: &[&'a GpuDevice], need: usize) -> Option<V
     Some(chosen)
 }
 
-/// Lower is better; compared lexicographically.
-fn score(
-    node: &NodeInventory,
-    gpus: &[&GpuDevice],
-    spread: &Spread,
-) -> (u32, u32, bool, usize, u32) {
+/// Lower is better, compared lexicographically: groups of the deployment on the node, in its
+/// zone, GPUs not all NVLink-connected, degraded GPUs, hottest GPU's utilization.
+type Score = (u32, u32, bool, usize, u32);
+
+fn spread_of(node: &NodeInventory, spread: &Spread) -> (u32, u32) {
     let on_node = spread.per_node.get(&node.name).copied().unwrap_or(0);
     let in_zone = node
         .zone
         .as_ref()
         .and_then(|z| spread.per_zone.get(z).copied())
         .unwrap_or(0);
+    (on_node, in_zone)
+}
+
+/// A score no GPU set of `node` can beat (linked, the fewest degraded GPUs possible, the
+/// `tensor`-th coolest utilization), or `None` when too few GPUs are usable.
+fn score_bound(
+    node: &NodeInventory,
+    request: &GroupRequest,
+    taken: Option<&BTreeSet<u32>>,
+    spread: &Spread,
+) -> Option<Score> {
+    let need = request.tensor as usize;
+    let mut utils = [0u32; 64];
+    let (mut count, mut healthy) = (0usize, 0usize);
+    for g in eligible(node, request, taken) {
+        if count < utils.len() {
+            utils[count] = g.utilization_percent;
+        }
+        count += 1;
+        healthy += usize::from(g.health == GpuHealth::Healthy);
+    }
+    if count < need {
+        return None;
+    }
+    let (on_node, in_zone) = spread_of(node, spread);
+    if need == 0 || count > utils.len() {
+        return Some((on_node, in_zone, false, 0, 0));
+    }
+    utils[..count].sort_unstable();
+    Some((
+        on_node,
+        in_zone,
+        false,
+        need.saturating_sub(healthy),
+        utils[need - 1],
+    ))
+}
+
+fn score(node: &NodeInventory, gpus: &[&GpuDevice], spread: &Spread) -> Score {
+    let (on_node, in_zone) = spread_of(node, spread);
     let linked = gpus.len() <= 1
         || gpus.iter().all(|a| {
             gpus.iter()
