@@ -146,3 +146,28 @@ fn cluster_scoped_kinds() {
         .status
         .is_some());
 }
+
+#[test]
+fn the_variant_without_cel_differs_only_by_the_cel_rules() {
+    let files: std::collections::BTreeMap<String, String> = crdgen::render().into_iter().collect();
+    for crd in crdgen::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        let with: Value = serde_yaml::from_str(&files[&format!("{name}.yaml")]).unwrap();
+        let without_text = &files[&format!("{}/{name}.yaml", crdgen::WITHOUT_CEL_DIR)];
+        assert!(!without_text.contains("x-kubernetes-validations"), "{name}");
+        let mut stripped = with.clone();
+        fn strip(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    m.remove("x-kubernetes-validations");
+                    m.values_mut().for_each(strip);
+                }
+                Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        strip(&mut stripped);
+        let without: Value = serde_yaml::from_str(without_text).unwrap();
+        assert_eq!(stripped, without, "{name}");
+    }
+}

@@ -377,8 +377,8 @@ pub struct EnvVar {
         regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
     )]
     pub name: String,
-    /// Variable value.
-    #[serde(default)]
+    /// Variable value (empty when omitted).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 4096))]
     pub value: String,
 }
