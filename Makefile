@@ -5,7 +5,7 @@ export CARGO_BUILD_JOBS ?= 2
 export LLMO_CACHE ?= $(HOME)/.cache/llmo
 CARGO ?= cargo
 
-.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model clean
+.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model k8s cluster-up cluster-down clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ help: ## List the targets
 build: ## Build every binary (release)
 	$(CARGO) build --workspace --release
 
-test: fmt-check clippy crd-check fetch-model unit ## Everything CI checks: format, lints, CRD drift, all tests
+test: fmt-check clippy crd-check fetch-model k8s unit ## Everything CI checks: format, lints, CRD drift, all tests
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -32,6 +32,15 @@ crd-check: ## Fail when crds/ differs from the API types
 
 fetch-model: ## Download the bundled model (SmolLM2-135M-Instruct GGUF) into $(LLMO_CACHE)/models
 	bash scripts/fetch-model.sh
+
+k8s: ## Build (once, cached) and install the Kubernetes v1.20.2 control plane the tests run against
+	bash scripts/k8s-build.sh
+
+cluster-up: k8s ## Start a control plane on loopback (prints the KUBECONFIG to use)
+	bash scripts/cluster.sh up
+
+cluster-down: ## Stop it and remove its state
+	bash scripts/cluster.sh down
 
 unit: ## Run every test of the workspace
 	$(CARGO) test --workspace --no-fail-fast

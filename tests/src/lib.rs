@@ -2,6 +2,7 @@
 //! and checking objects the way an API server would (OpenAPI schema, then CEL rules).
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod server_side;
 
 use std::path::{Path, PathBuf};
