@@ -162,7 +162,9 @@ async fn a_missing_gpunode_is_created_owned_by_its_node_then_written() {
                     "apiVersion": "v1", "kind": "Node", "name": "node-1",
                     "uid": "0b7c5a3e-1111-2222-3333-444455556666"
                 }]
-            }
+            },
+            // The CRD requires spec; a real v1.20 API server refuses the object without it.
+            "spec": {}
         })
     );
     assert_eq!(bodies[2], bodies[0], "the same status is applied again");

@@ -26,3 +26,22 @@ pub fn yaml_files(dir: &str) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// A binary of the workspace, from the target directory this test was built into. `cargo test
+/// --workspace` builds every package's binaries; run `cargo build -p PACKAGE` when testing this
+/// crate alone.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .expect("the test binary sits in target/<profile>/deps");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p llmo-operator)",
+        path.display()
+    );
+    path
+}

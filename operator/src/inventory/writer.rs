@@ -111,7 +111,9 @@ fn owner_reference(node: &Node) -> Option<OwnerReference> {
     })
 }
 
-/// The apply body that creates a GPUNode: only its identity and owner, never `spec`.
+/// The apply body that creates a GPUNode: its identity and owner, and an empty `spec`, which
+/// the CRD requires. Owning the empty object claims none of its fields: people keep
+/// `spec.unschedulable` under their own field manager.
 pub fn gpunode_patch(node_name: &str, owner: Option<&OwnerReference>) -> Value {
     let mut metadata = json!({ "name": node_name });
     if let Some(owner) = owner {
@@ -121,6 +123,7 @@ pub fn gpunode_patch(node_name: &str, owner: Option<&OwnerReference>) -> Value {
         "apiVersion": GPUNode::api_version(&()),
         "kind": GPUNode::kind(&()),
         "metadata": metadata,
+        "spec": {},
     })
 }
 
