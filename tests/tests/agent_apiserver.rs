@@ -56,7 +56,7 @@ fn the_agent_reports_simulated_gpus_and_labels_its_node() {
         ],
     );
     ok(&plane, &["apply", "-f", "examples/gpuclasses.yaml"]);
-    let node = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"l4-node-1","labels":{"kubernetes.io/hostname":"l4-node-1"}}}"#;
+    let node = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"l4-node-1","labels":{"kubernetes.io/hostname":"l4-node-1","topology.kubernetes.io/zone":"zone-b"}}}"#;
     let path = std::env::temp_dir().join(format!("llmo-node-{}.json", std::process::id()));
     std::fs::write(&path, node).unwrap();
     ok(&plane, &["apply", "-f", path.to_str().unwrap()]);
@@ -131,6 +131,18 @@ fn the_agent_reports_simulated_gpus_and_labels_its_node() {
         ],
     );
     assert_eq!(owner, "Node/l4-node-1");
+    // The Node's zone is copied, for placement to spread replicas by.
+    let zone = ok(
+        &plane,
+        &[
+            "get",
+            "gpunode",
+            "l4-node-1",
+            "-o",
+            "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}",
+        ],
+    );
+    assert_eq!(zone, "zone-b");
     // A person marks the node unschedulable for llmo; the agent's writes leave that alone.
     ok(
         &plane,

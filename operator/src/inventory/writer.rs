@@ -13,7 +13,10 @@ use kube::{
 };
 use serde_json::{json, Value};
 
-use crate::api::{GPUNode, GPUNodeStatus};
+use crate::{
+    api::{GPUNode, GPUNodeStatus},
+    placement::ZONE_LABEL,
+};
 
 use super::{InventoryError, FIELD_MANAGER, GPU_CLASS_LABEL};
 
@@ -24,6 +27,7 @@ pub struct NodeWriter {
     nodes: Api<Node>,
     node_name: String,
     owner: Option<OwnerReference>,
+    zone: Option<String>,
 }
 
 impl std::fmt::Debug for NodeWriter {
@@ -42,12 +46,13 @@ impl NodeWriter {
             nodes: Api::all(client),
             node_name: node_name.to_owned(),
             owner: node.and_then(owner_reference),
+            zone: node.and_then(|n| n.labels().get(ZONE_LABEL).cloned()),
         }
     }
 
     /// Creates the GPUNode if it is missing; a no-op write otherwise.
     pub async fn ensure_gpunode(&self) -> Result<(), InventoryError> {
-        let patch = gpunode_patch(&self.node_name, self.owner.as_ref());
+        let patch = gpunode_patch(&self.node_name, self.owner.as_ref(), self.zone.as_deref());
         self.gpunodes
             .patch(
                 &self.node_name,
@@ -111,13 +116,16 @@ fn owner_reference(node: &Node) -> Option<OwnerReference> {
     })
 }
 
-/// The apply body that creates a GPUNode: its identity and owner, and an empty `spec`, which
-/// the CRD requires. Owning the empty object claims none of its fields: people keep
-/// `spec.unschedulable` under their own field manager.
-pub fn gpunode_patch(node_name: &str, owner: Option<&OwnerReference>) -> Value {
+/// The apply body that creates a GPUNode: its identity, owner and the Node's zone label (which
+/// placement spreads replicas by), and an empty `spec`, which the CRD requires. Owning the empty
+/// object claims none of its fields: people keep `spec.unschedulable` under their own manager.
+pub fn gpunode_patch(node_name: &str, owner: Option<&OwnerReference>, zone: Option<&str>) -> Value {
     let mut metadata = json!({ "name": node_name });
     if let Some(owner) = owner {
         metadata["ownerReferences"] = json!([owner]);
+    }
+    if let Some(zone) = zone {
+        metadata["labels"] = json!({ ZONE_LABEL: zone });
     }
     json!({
         "apiVersion": GPUNode::api_version(&()),

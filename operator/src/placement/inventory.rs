@@ -25,7 +25,8 @@ pub struct NodeInventory {
 
 impl NodeInventory {
     /// Builds the view from a GPUNode; the zone comes from its labels (the agent copies the
-    /// Node's), and allocatable defaults to the GPU count.
+    /// Node's `topology.kubernetes.io/zone` when it creates or refreshes the GPUNode at start),
+    /// and allocatable defaults to the GPU count.
     pub fn from_gpu_node(node: &GPUNode) -> Self {
         let status = node.status.clone().unwrap_or_default();
         Self {
