@@ -8,4 +8,5 @@ pub mod inventory;
 pub mod placement;
 pub mod plan;
 pub mod preview;
+pub mod reconcile;
 pub mod workload;

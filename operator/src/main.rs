@@ -25,6 +25,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the controller: turn ModelDeployments into running replica groups.
+    Run(llmo_operator::reconcile::RunArgs),
     /// Preview what the operator would do with a manifest: precision, layout, memory per GPU,
     /// KV tokens, cost and (with --inventory) placement. Touches no cluster.
     Plan {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crdgen { dir, stdout, check } => run_crdgen(&dir, stdout, check),
         Command::Validate { files } => run_validate(&files),
+        Command::Run(args) => run_controller(args),
         Command::Agent(args) => llmo_operator::inventory::main(args),
         Command::Plan {
             files,
@@ -211,5 +214,28 @@ fn run_plan(
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn run_controller(args: llmo_operator::reconcile::RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("llmo-operator run: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(llmo_operator::reconcile::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llmo-operator run: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

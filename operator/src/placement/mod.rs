@@ -20,7 +20,7 @@ use crate::api::{GpuDevice, GpuHealth, RankPlacement};
 pub struct GroupRequest {
     /// GPUClass the nodes must have.
     pub gpu_class: String,
-    /// GPUs per rank (tensor degree).
+    /// GPUs per rank (the tensor degree); 0 for `cpu` classes, whose ranks take a node but no GPU.
     pub tensor: u32,
     /// Ranks per group (pipeline degree).
     pub pipeline: u32,
@@ -162,8 +162,11 @@ fn choose_gpus<'a>(
     if (node.allocatable_gpus as usize) < need {
         return None;
     }
+    if need == 0 {
+        return Some(Vec::new());
+    }
     // Cheap rejection first: most nodes of a busy fleet have too few usable GPUs.
-    eligible(node, request, taken).nth(need.saturating_sub(1))?;
+    eligible(node, request, taken).nth(need - 1)?;
     let mut candidates: Vec<&GpuDevice> = eligible(node, request, taken).collect();
     // Healthy before degraded, then cool before hot, then by index.
     candidates.sort_by_key(|g| {

@@ -192,3 +192,30 @@ fn the_same_input_gives_the_same_answer() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn cpu_ranks_take_a_node_but_no_gpu() {
+    let mut cpu = node("cpu-a", "z1");
+    cpu.gpu_class = Some("cpu".into());
+    cpu.gpus.clear();
+    cpu.allocatable_gpus = 0;
+    let mut other = cpu.clone();
+    other.name = "cpu-b".into();
+    let nodes = vec![cpu, other];
+    let request = GroupRequest {
+        gpu_class: "cpu".into(),
+        tensor: 0,
+        pipeline: 1,
+        memory_mib: 0,
+    };
+    let mut spread = Spread::default();
+    let mut taken = TakenGpus::new();
+    let a = place_group(&request, &nodes, &mut taken, &mut spread).unwrap();
+    let b = place_group(&request, &nodes, &mut taken, &mut spread).unwrap();
+    assert_eq!(
+        (a[0].node.as_str(), b[0].node.as_str()),
+        ("cpu-a", "cpu-b"),
+        "spread"
+    );
+    assert!(a[0].gpus.is_empty());
+}

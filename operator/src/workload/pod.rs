@@ -231,11 +231,13 @@ fn build_pod(
             ContainerPort {
                 name: Some("http".into()),
                 container_port: HTTP_PORT,
+                protocol: Some("TCP".into()),
                 ..Default::default()
             },
             ContainerPort {
                 name: Some("dist".into()),
                 container_port: DIST_PORT,
+                protocol: Some("TCP".into()),
                 ..Default::default()
             },
         ]),

@@ -32,6 +32,8 @@ pub fn build_group_service(group: &GroupSpec<'_>) -> Service {
                 name: Some("dist".into()),
                 port: DIST_PORT,
                 target_port: Some(IntOrString::String("dist".into())),
+                // Server-side apply keys port lists by port and protocol: it must be explicit.
+                protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
             ..Default::default()
@@ -68,6 +70,8 @@ pub fn build_endpoint_service(md: &ModelDeployment) -> Service {
                 name: Some("http".into()),
                 port: 80,
                 target_port: Some(IntOrString::Int(HTTP_PORT)),
+                // Server-side apply keys port lists by port and protocol: it must be explicit.
+                protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
             ..Default::default()

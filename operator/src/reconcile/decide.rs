@@ -1,0 +1,299 @@
+//! What to do with a deployment's replica groups, decided from what exists. Pure.
+//!
+//! A group lives at one revision. Scaling creates groups at the lowest free indices and removes
+//! the highest. A group with a failed pod is removed whole and created again. A revision change
+//! rolls with a surge of one: one new group at a time, and an old group goes only once a new one
+//! is ready, so capacity never drops below what is ready.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::{
+    api::{AutoscalingMode, GroupState, ModelDeployment},
+    workload::{LABEL_GROUP, LABEL_RANK, LABEL_REVISION},
+};
+
+/// Replicas the deployment should have now, before autoscaling: `replicas.count` in external
+/// mode, otherwise the autoscaler's last decision, clamped to the bounds.
+pub fn desired_replicas(md: &ModelDeployment) -> u32 {
+    let r = &md.spec.replicas;
+    let wanted = match md.spec.autoscaling.mode {
+        AutoscalingMode::External => r.count.unwrap_or(r.min),
+        AutoscalingMode::Slo => md
+            .status
+            .as_ref()
+            .map(|s| s.desired_replicas)
+            .filter(|d| *d > 0)
+            .unwrap_or(r.min),
+    };
+    u32::try_from(wanted.clamp(r.min, r.max.max(r.min))).unwrap_or(1)
+}
+
+/// One group as its pods show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedGroup {
+    /// Group name.
+    pub name: String,
+    /// Revision label.
+    pub revision: String,
+    /// Index parsed from the name (`<deployment>-<revision>-<index>`).
+    pub index: u32,
+    /// Pods that exist.
+    pub pods: u32,
+    /// Pods running and ready.
+    pub ready: u32,
+    /// Whether a pod failed or is being deleted.
+    pub failed: bool,
+}
+
+impl ObservedGroup {
+    /// Lifecycle state for status.
+    pub fn state(&self, pipeline: u32) -> GroupState {
+        if self.failed {
+            GroupState::Failed
+        } else if self.ready >= pipeline && self.pods >= pipeline {
+            GroupState::Ready
+        } else if self.pods > 0 && self.ready == 0 && self.pods < pipeline {
+            GroupState::Pending
+        } else {
+            GroupState::Starting
+        }
+    }
+}
+
+/// Groups the deployment's pods belong to, by name.
+pub fn observe_groups(pods: &[Pod]) -> Vec<ObservedGroup> {
+    let mut groups: BTreeMap<String, ObservedGroup> = BTreeMap::new();
+    for pod in pods {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let (Some(name), Some(revision)) = (labels.get(LABEL_GROUP), labels.get(LABEL_REVISION))
+        else {
+            continue;
+        };
+        if !labels.contains_key(LABEL_RANK) {
+            continue;
+        }
+        let index = name
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(u32::MAX);
+        let g = groups.entry(name.clone()).or_insert_with(|| ObservedGroup {
+            name: name.clone(),
+            revision: revision.clone(),
+            index,
+            pods: 0,
+            ready: 0,
+            failed: false,
+        });
+        g.pods += 1;
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if phase == "Running" && ready {
+            g.ready += 1;
+        }
+        if phase == "Failed" || phase == "Succeeded" || pod.metadata.deletion_timestamp.is_some() {
+            g.failed = true;
+        }
+    }
+    groups.into_values().collect()
+}
+
+/// What to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Indices of groups to create at the current revision.
+    pub create: Vec<u32>,
+    /// Names of groups to delete, with why.
+    pub delete: Vec<(String, &'static str)>,
+    /// Groups at the current revision that are ready.
+    pub ready_current: u32,
+    /// Whether groups of an older revision remain.
+    pub rolling: bool,
+}
+
+/// Decides creations and deletions for `desired` groups of `pipeline` pods at `revision`.
+pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedGroup]) -> Decision {
+    let mut d = Decision::default();
+    for g in observed.iter().filter(|g| g.failed) {
+        d.delete.push((
+            g.name.clone(),
+            "a pod of the group failed; the group restarts whole",
+        ));
+    }
+    let live = |current: bool| -> Vec<&ObservedGroup> {
+        let mut v: Vec<&ObservedGroup> = observed
+            .iter()
+            .filter(|g| !g.failed && (g.revision == revision) == current)
+            .collect();
+        v.sort_by_key(|g| g.index);
+        v
+    };
+    let current = live(true);
+    let old = live(false);
+    d.ready_current = u32::try_from(
+        current
+            .iter()
+            .filter(|g| g.state(pipeline) == GroupState::Ready)
+            .count(),
+    )
+    .unwrap_or(u32::MAX);
+    d.rolling = !old.is_empty();
+
+    let target = if old.is_empty() {
+        desired
+    } else {
+        // Surge by one: start one more new group than are ready, never more than desired.
+        desired.min(d.ready_current + 1)
+    };
+    let have = u32::try_from(current.len()).unwrap_or(u32::MAX);
+    if have < target {
+        // Indices of failed groups are free again once their pods are gone; new ones avoid them
+        // until then.
+        let taken: Vec<u32> = observed
+            .iter()
+            .filter(|g| g.revision == revision)
+            .map(|g| g.index)
+            .collect();
+        let mut index = 0;
+        while u32::try_from(d.create.len()).unwrap_or(u32::MAX) < target - have {
+            if !taken.contains(&index) {
+                d.create.push(index);
+            }
+            index += 1;
+        }
+    } else if have > target && old.is_empty() {
+        for g in current.iter().rev().take((have - target) as usize) {
+            d.delete.push((g.name.clone(), "scaled down"));
+        }
+    }
+    if !old.is_empty() {
+        // Keep old groups while new ones are not ready to replace them.
+        let keep = desired.saturating_sub(d.ready_current) as usize;
+        // Like scaling down, the highest indices go first.
+        for g in old.iter().skip(keep).rev() {
+            d.delete.push((
+                g.name.clone(),
+                "replaced by a ready group at the new revision",
+            ));
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(rev: &str, index: u32, pods: u32, ready: u32) -> ObservedGroup {
+        ObservedGroup {
+            name: format!("m-{rev}-{index}"),
+            revision: rev.into(),
+            index,
+            pods,
+            ready,
+            failed: false,
+        }
+    }
+
+    #[test]
+    fn scales_up_at_the_lowest_free_indices_and_down_from_the_highest() {
+        let d = decide("r1", 1, 3, &[g("r1", 1, 1, 1)]);
+        assert_eq!(d.create, [0, 2]);
+        let d = decide(
+            "r1",
+            1,
+            1,
+            &[g("r1", 0, 1, 1), g("r1", 1, 1, 1), g("r1", 2, 1, 0)],
+        );
+        assert_eq!(
+            d.delete,
+            [
+                ("m-r1-2".to_owned(), "scaled down"),
+                ("m-r1-1".to_owned(), "scaled down")
+            ]
+        );
+        assert!(d.create.is_empty());
+        assert_eq!(
+            decide("r1", 1, 2, &[g("r1", 0, 1, 1), g("r1", 1, 1, 0)]),
+            Decision {
+                ready_current: 1,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_group_is_deleted_whole_and_its_index_waits_for_its_pods_to_go() {
+        let mut failed = g("r1", 0, 2, 1);
+        failed.failed = true;
+        let d = decide("r1", 2, 2, &[failed, g("r1", 1, 2, 2)]);
+        assert_eq!(d.delete[0].0, "m-r1-0");
+        assert_eq!(d.create, [2], "index 0 is reused once its pods are gone");
+    }
+
+    #[test]
+    fn a_rollout_surges_one_group_and_retires_old_ones_only_as_new_ones_get_ready() {
+        let old = [g("r1", 0, 1, 1), g("r1", 1, 1, 1), g("r1", 2, 1, 1)];
+        // Nothing new yet: create one, keep all old.
+        let d = decide("r2", 1, 3, &old);
+        assert_eq!(d.create, [0]);
+        assert!(d.delete.is_empty());
+        assert!(d.rolling);
+        // The new one is starting: wait.
+        let mut seen = old.to_vec();
+        seen.push(g("r2", 0, 1, 0));
+        let d = decide("r2", 1, 3, &seen);
+        assert!(d.create.is_empty() && d.delete.is_empty(), "{d:?}");
+        // It is ready: one more new, one old goes.
+        seen.pop();
+        seen.push(g("r2", 0, 1, 1));
+        let d = decide("r2", 1, 3, &seen);
+        assert_eq!(d.create, [1]);
+        assert_eq!(d.delete.len(), 1);
+        assert_eq!(d.delete[0].0, "m-r1-2");
+        // All new ready: every old one goes.
+        let all_new = [
+            g("r1", 0, 1, 1),
+            g("r2", 0, 1, 1),
+            g("r2", 1, 1, 1),
+            g("r2", 2, 1, 1),
+        ];
+        let d = decide("r2", 1, 3, &all_new);
+        assert!(d.create.is_empty());
+        assert_eq!(
+            d.delete,
+            [(
+                "m-r1-0".to_owned(),
+                "replaced by a ready group at the new revision"
+            )]
+        );
+    }
+
+    #[test]
+    fn ready_capacity_never_drops_during_a_rollout() {
+        // Simulate a rollout of 4 groups step by step, new groups turning ready one step later.
+        let mut groups: Vec<ObservedGroup> = (0..4).map(|i| g("a", i, 1, 1)).collect();
+        for _ in 0..20 {
+            let ready_before = groups.iter().filter(|g| g.ready == 1).count();
+            let d = decide("b", 1, 4, &groups);
+            for g in groups.iter_mut().filter(|g| g.revision == "b") {
+                g.ready = 1;
+            }
+            groups.retain(|g| !d.delete.iter().any(|(n, _)| *n == g.name));
+            groups.extend(d.create.iter().map(|i| g("b", *i, 1, 0)));
+            let ready_after = groups.iter().filter(|g| g.ready == 1).count();
+            assert!(
+                ready_after + 1 >= ready_before.min(4),
+                "{ready_before} -> {ready_after}"
+            );
+            assert!(groups.len() <= 5, "surge is one group: {groups:?}");
+        }
+        assert!(groups.iter().all(|g| g.revision == "b" && g.ready == 1));
+        assert_eq!(groups.len(), 4);
+    }
+}
