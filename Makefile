@@ -5,7 +5,7 @@ export CARGO_BUILD_JOBS ?= 2
 export LLMO_CACHE ?= $(HOME)/.cache/llmo
 CARGO ?= cargo
 
-.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model k8s cluster-up cluster-down clean
+.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model python-deps k8s cluster-up cluster-down bench-serve clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ help: ## List the targets
 build: ## Build every binary (release)
 	$(CARGO) build --workspace --release
 
-test: fmt-check clippy crd-check fetch-model k8s unit ## Everything CI checks: format, lints, CRD drift, all tests
+test: fmt-check clippy crd-check fetch-model python-deps k8s unit ## Everything CI checks: format, lints, CRD drift, all tests
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -32,6 +32,13 @@ crd-check: ## Fail when crds/ differs from the API types
 
 fetch-model: ## Download the bundled model (SmolLM2-135M-Instruct GGUF) into $(LLMO_CACHE)/models
 	bash scripts/fetch-model.sh
+
+python-deps: ## The official openai SDK, which the API compatibility tests drive llmo-serve with
+	@python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet 'openai>=1.40'
+
+bench-serve: fetch-model python-deps ## llmo-serve against llama.cpp's llama-server at concurrency 1, 4, 16 (builds llama.cpp once, ~12 min)
+	$(CARGO) build --release -p llmo-serve
+	LLMO_SERVE=$(CARGO_TARGET_DIR)/release/llmo-serve bash serving/bench/bench-serve.sh
 
 k8s: ## Build (once, cached) and install the Kubernetes v1.20.2 control plane the tests run against
 	bash scripts/k8s-build.sh

@@ -1,0 +1,72 @@
+//! Quantization on load: every weight format loads and runs, and its perplexity on a fixed text
+//! stays close to the f32 reference (the GGUF's Q4_1 weights, dequantized exactly).
+
+mod common;
+
+use llmo_serve::kv::KvStorage;
+use llmo_serve::model::{load_gguf, LoadedModel, Quantization, StepInput};
+
+const TEXT: &str = include_str!("data/perplexity.txt");
+const WINDOW: usize = 192;
+
+/// Perplexity over the first `WINDOW` tokens of the text.
+pub fn perplexity(m: &LoadedModel) -> f64 {
+    let tokens = m.tokenizer.encode(TEXT);
+    let tokens = &tokens[..WINDOW.min(tokens.len())];
+    let cfg = &m.model.config;
+    let bs = 16;
+    let mut kv = KvStorage::new(
+        cfg.n_layers,
+        tokens.len().div_ceil(bs),
+        bs,
+        cfg.n_kv_heads * cfg.head_dim,
+    );
+    let table: Vec<u32> = (0..tokens.len().div_ceil(bs) as u32).collect();
+    let logits = m
+        .model
+        .logits_all(
+            StepInput {
+                tokens,
+                start: 0,
+                block_table: &table,
+                want_logits: true,
+            },
+            &mut kv,
+        )
+        .unwrap();
+    let mut nll = 0.0;
+    for (i, l) in logits.iter().enumerate().take(tokens.len() - 1) {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        nll += lse - l[tokens[i + 1] as usize] as f64;
+    }
+    (nll / (tokens.len() - 1) as f64).exp()
+}
+
+#[test]
+fn quantized_formats_stay_close_to_f32() {
+    llmo_serve::set_compute_threads(1);
+    let path = common::model_path();
+    let reference = perplexity(&load_gguf(&path, Quantization::F32, 512, 1).unwrap());
+    assert!(
+        reference > 1.0 && reference < 40.0,
+        "f32 perplexity {reference} is implausible for English prose"
+    );
+    for (q, tolerance) in [
+        (Quantization::Int8, 1.05),
+        (Quantization::Stored, 1.05),
+        (Quantization::Q6K, 1.10),
+        (Quantization::Int4, 1.60),
+    ] {
+        let m = load_gguf(&path, q, 512, 1).unwrap();
+        let p = perplexity(&m);
+        eprintln!(
+            "{q}: perplexity {p:.3} (f32 {reference:.3}), weights {} MiB",
+            m.model.weight_bytes() >> 20
+        );
+        assert!(
+            p < reference * tolerance,
+            "{q}: perplexity {p} vs f32 {reference}"
+        );
+    }
+}
