@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoscale;
 pub mod crdgen;
 pub mod inventory;
 pub mod placement;

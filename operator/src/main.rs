@@ -45,6 +45,8 @@ enum Command {
     },
     /// Run the node agent: read this node's GPUs and keep its GPUNode status current.
     Agent(llmo_operator::inventory::AgentArgs),
+    /// Replay a request trace against a simulated fleet under llmo's autoscaler and baselines.
+    Simulate(llmo_operator::autoscale::sim::SimulateArgs),
     /// Check llmo manifests offline: schema shape and every validation rule.
     Validate {
         /// Manifest files (multi-document YAML); `-` reads standard input.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Validate { files } => run_validate(&files),
         Command::Run(args) => run_controller(args),
         Command::Agent(args) => llmo_operator::inventory::main(args),
+        Command::Simulate(args) => llmo_operator::autoscale::sim::main(args),
         Command::Plan {
             files,
             classes,

@@ -1,0 +1,365 @@
+//! The fleet simulator: replays a request trace against simulated replicas under six scaling
+//! strategies, llmo's own policy among them (the same [`crate::autoscale::decide`] the operator
+//! runs), and reports SLO attainment, GPU-hours, cost and reaction to bursts.
+//!
+//! Replicas follow a roofline step-time model fitted to published measurements
+//! ([`latency::fit`]) and simulate continuous batching step by step ([`replica`]). Everything is
+//! seeded, so a run is reproducible to the byte.
+
+pub mod cluster;
+pub mod fleet;
+pub mod latency;
+pub mod replica;
+pub mod report;
+pub mod rng;
+pub mod scalers;
+pub mod trace;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use self::{
+    cluster::Cluster,
+    fleet::Fleet,
+    latency::{FitReport, LatencyModel},
+    replica::{EngineLimits, Outcome, Replica},
+    report::{RunResult, Summary},
+    rng::Rng,
+    scalers::{Knowledge, Scaler},
+    trace::Request,
+};
+use crate::autoscale::{PolicyConfig, PolicyState, ScrapeHistory, SignalConfig};
+
+/// Errors of the simulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A CSV row could not be read.
+    #[error("{path}, line {line}: {message}")]
+    Csv {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (0: the whole file).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The fleet file is wrong.
+    #[error("fleet file: {message}")]
+    Fleet {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// `llmo-operator simulate`: replay a trace against a simulated fleet.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Fleet file (node pools, the deployment, its plan and SLO), e.g. examples/fleet/llama2-70b-h100.yaml.
+    #[arg(long)]
+    pub fleet: PathBuf,
+    /// Request trace, `TIMESTAMP,ContextTokens,GeneratedTokens` (the Azure 2023 traces).
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Multiply the request rate.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_scale: f64,
+    /// Instead of replaying the trace, synthesize a diurnal run of this length (e.g. 24h) with
+    /// the trace's lengths and minute-scale burstiness.
+    #[arg(long)]
+    pub diurnal: Option<crate::api::HumanDuration>,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Measurements the latency model is fitted to.
+    #[arg(long, default_value = "data/splitwise-perf-model.csv")]
+    pub perf_model: PathBuf,
+    /// Directory for the table, timeline CSV and SVG plot.
+    #[arg(long, default_value = "sim-out")]
+    pub out: PathBuf,
+}
+
+/// Everything one simulation produced.
+#[derive(Debug)]
+pub struct Simulation {
+    /// The latency model's fit.
+    pub fit: FitReport,
+    /// Calibrated capacity of one replica, tokens per second within the SLO.
+    pub capacity: f64,
+    /// One row per strategy.
+    pub summaries: Vec<Summary>,
+    /// The full runs, for the timeline and plot.
+    pub runs: Vec<RunResult>,
+    /// Burst onsets found in the demand, seconds.
+    pub bursts: Vec<f64>,
+    /// Length of the run, seconds.
+    pub duration: f64,
+    /// Demand per 10 s bin, tokens per second.
+    pub demand_10: Vec<f64>,
+}
+
+/// Entry point of the subcommand.
+pub fn main(args: SimulateArgs) -> ExitCode {
+    let started = std::time::Instant::now();
+    match simulate(&args) {
+        Ok(sim) => {
+            let table = report::table(&sim);
+            println!("{table}");
+            let written = std::fs::create_dir_all(&args.out)
+                .and_then(|()| std::fs::write(args.out.join("table.md"), &table))
+                .and_then(|()| {
+                    std::fs::write(args.out.join("timeline.csv"), report::timeline_csv(&sim))
+                })
+                .and_then(|()| std::fs::write(args.out.join("timeline.svg"), report::svg(&sim)))
+                .and_then(|()| {
+                    std::fs::write(args.out.join("decisions.csv"), report::decisions_csv(&sim))
+                });
+            if let Err(e) = written {
+                eprintln!("error: {}: {e}", args.out.display());
+                return ExitCode::FAILURE;
+            }
+            println!(
+                "wrote {}/table.md, timeline.csv, timeline.svg in {:.1}s",
+                args.out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every strategy on the trace the arguments describe.
+pub fn simulate(args: &SimulateArgs) -> Result<Simulation, SimError> {
+    let fleet = Fleet::load(&args.fleet)?;
+    let d = fleet.deployment().clone();
+    let fit = latency::fit(&args.perf_model, &d.calibration, &fleet.hardware)?;
+    let model = LatencyModel::new(&fleet.arch, &fleet.hardware, d.tensor, fit.costs)?;
+    let limits = EngineLimits {
+        max_batch_tokens: d.max_batch_tokens,
+        max_running: d.max_running,
+    };
+    let source = trace::load_azure(&args.trace)?;
+    let mut rng = Rng::new(args.seed);
+    let requests = match args.diurnal {
+        Some(len) => trace::diurnal(&source, len.get().as_secs_f64(), args.rate_scale, &mut rng),
+        None => trace::rate_scale(&source, args.rate_scale, &mut rng),
+    };
+    let duration = requests
+        .last()
+        .map(|r| r.arrival.ceil() + 1.0)
+        .unwrap_or(1.0);
+    let ttft_target = d.slo.ttft.get().as_secs_f64();
+    let itl_target = d.slo.inter_token_latency.map(|x| x.get().as_secs_f64());
+    let (capacity, concurrency) =
+        calibrate(&model, limits, &source, ttft_target, itl_target, args.seed);
+    tracing::info!(capacity, concurrency, "calibrated one replica");
+    let (min, max) = fleet.bounds();
+    let knowledge = Knowledge {
+        capacity,
+        concurrency,
+        demand_60: trace::demand_bins(&requests, 60.0, duration),
+        demand_10: trace::demand_bins(&requests, 10.0, duration),
+        utilization: d.slo.utilization,
+        min,
+        max,
+    };
+    let cold_start = d.cold_start.get().as_secs_f64();
+    let cfg = PolicyConfig {
+        min,
+        max,
+        ttft_target,
+        itl_target,
+        utilization_target: d.slo.utilization,
+        default_startup: cold_start,
+        prior_capacity: Some(capacity),
+        ..PolicyConfig::default()
+    };
+    let scalers = vec![
+        Scaler::Static,
+        Scaler::Hpa {
+            history: Vec::new(),
+        },
+        Scaler::Keda {
+            history: Vec::new(),
+        },
+        Scaler::Planner,
+        Scaler::Slo {
+            signal: SignalConfig::for_interval(cfg.interval),
+            cfg: Box::new(cfg),
+            state: PolicyState::default(),
+            history: ScrapeHistory::default(),
+            startup: cold_start,
+            decisions: Vec::new(),
+        },
+        Scaler::Oracle,
+    ];
+    let demand_10 = trace::demand_bins(&requests, 10.0, duration);
+    let bursts = report::burst_onsets(&demand_10);
+    let mut runs = Vec::new();
+    for scaler in scalers {
+        let start = if matches!(scaler, Scaler::Oracle) {
+            0.0
+        } else {
+            cold_start
+        };
+        runs.push(run_strategy(
+            scaler, &knowledge, &requests, &model, limits, start, d.tensor, duration,
+        ));
+    }
+    let summaries = runs
+        .iter()
+        .map(|r| {
+            report::summarize(
+                r,
+                &bursts,
+                ttft_target,
+                itl_target,
+                fleet.replica_price() / f64::from(d.tensor),
+                duration,
+            )
+        })
+        .collect();
+    Ok(Simulation {
+        fit,
+        capacity,
+        summaries,
+        runs,
+        bursts,
+        duration,
+        demand_10,
+    })
+}
+
+/// Replays `requests` under one strategy.
+#[allow(clippy::too_many_arguments)]
+fn run_strategy(
+    mut scaler: Scaler,
+    k: &Knowledge,
+    requests: &[Request],
+    model: &LatencyModel,
+    limits: EngineLimits,
+    cold_start: f64,
+    gpus: u32,
+    duration: f64,
+) -> RunResult {
+    let mut cluster = Cluster::new(scaler.initial(k), cold_start, k.max, gpus);
+    let mut next = 0;
+    let mut targets = Vec::new();
+    let mut ready = Vec::new();
+    let end = duration as u64;
+    for second in 1..=end {
+        let now = second as f64;
+        while next < requests.len() && requests[next].arrival < now {
+            let r = requests[next];
+            cluster.advance(r.arrival, model, limits);
+            cluster.route(r, r.arrival);
+            next += 1;
+        }
+        cluster.advance(now, model, limits);
+        cluster.sample(now);
+        if scaler.period() != u64::MAX && second % scaler.period() == 0 {
+            let target = scaler.decide(now, &cluster, k);
+            cluster.set_target(target, now);
+        }
+        if second % 10 == 0 {
+            targets.push(cluster.target);
+            ready.push(cluster.ready(now));
+        }
+    }
+    // Let in-flight requests finish for up to two minutes, then cut off.
+    for second in end + 1..=end + 120 {
+        cluster.advance(second as f64, model, limits);
+    }
+    cluster.finish((end + 120) as f64);
+    let decisions = match &mut scaler {
+        Scaler::Slo { decisions, .. } => std::mem::take(decisions),
+        _ => Vec::new(),
+    };
+    RunResult {
+        decisions,
+        name: scaler.name(),
+        gpu_hours: cluster.gpu_seconds / 3600.0,
+        outcomes: std::mem::take(&mut cluster.outcomes),
+        actions: cluster.actions.clone(),
+        targets,
+        ready,
+    }
+}
+
+/// Finds the request rate one replica sustains within the SLO (p95 TTFT and p95 time per output
+/// token at most their targets) by bisection over seeded 15-minute Poisson runs with the trace's
+/// lengths. Returns (tokens per second in and out, mean outstanding requests) at that rate.
+pub fn calibrate(
+    model: &LatencyModel,
+    limits: EngineLimits,
+    source: &[Request],
+    ttft: f64,
+    itl: Option<f64>,
+    seed: u64,
+) -> (f64, f64) {
+    let mean_tokens = source
+        .iter()
+        .map(|r| f64::from(r.prompt + r.output))
+        .sum::<f64>()
+        / source.len().max(1) as f64;
+    let run = |rate: f64| -> (bool, f64) {
+        let mut rng = Rng::new(seed ^ 0xCA1B);
+        let mut replica = Replica::new("calibration".into(), 0.0, 0.0);
+        let mut done: Vec<Outcome> = Vec::new();
+        let horizon = 900.0;
+        let mut t = 0.0;
+        let mut outstanding_sum = 0.0f64;
+        let mut samples = 0.0f64;
+        let mut next_sample = 60.0;
+        loop {
+            t += -rng.uniform_open().ln() / rate;
+            if t > horizon {
+                break;
+            }
+            while next_sample < t {
+                replica.advance(next_sample, model, limits, &mut done);
+                outstanding_sum += replica.outstanding() as f64;
+                samples += 1.0;
+                next_sample += 1.0;
+            }
+            replica.advance(t, model, limits, &mut done);
+            let r = source[rng.below(source.len())];
+            replica.enqueue(Request { arrival: t, ..r });
+        }
+        replica.advance(horizon + 300.0, model, limits, &mut done);
+        done.extend(replica.unfinished(horizon + 300.0));
+        let measured: Vec<&Outcome> = done.iter().filter(|o| o.arrival >= 60.0).collect();
+        let p95 = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len() as f64) * 0.95) as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let ok_ttft = p95(measured.iter().map(|o| o.ttft).collect()) <= ttft;
+        let ok_itl = itl.is_none_or(|i| p95(measured.iter().map(|o| o.tpot).collect()) <= i);
+        (ok_ttft && ok_itl, outstanding_sum / samples.max(1.0))
+    };
+    let (mut lo, mut hi) = (0.01f64, 200.0f64);
+    let mut concurrency = 1.0;
+    for _ in 0..14 {
+        let mid = (lo * hi).sqrt();
+        let (ok, c) = run(mid);
+        if ok {
+            lo = mid;
+            concurrency = c;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo * mean_tokens, concurrency.max(1.0))
+}

@@ -1,0 +1,309 @@
+//! What a simulation reports: the comparison table, a timeline CSV and an SVG plot.
+
+use std::fmt::Write;
+
+use super::{replica::Outcome, Simulation};
+
+/// One strategy's run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// Strategy name.
+    pub name: &'static str,
+    /// Every request's outcome.
+    pub outcomes: Vec<Outcome>,
+    /// GPU-hours held.
+    pub gpu_hours: f64,
+    /// Target changes: (time, from, to).
+    pub actions: Vec<(f64, u32, u32)>,
+    /// Target replicas every 10 s.
+    pub targets: Vec<u32>,
+    /// Ready replicas every 10 s.
+    pub ready: Vec<u32>,
+    /// llmo's policy decisions that changed the count, with their reasons.
+    pub decisions: Vec<crate::autoscale::Decision>,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Strategy name.
+    pub name: &'static str,
+    /// Requests with TTFT within target, percent.
+    pub ttft_attainment: f64,
+    /// Requests whose mean time per output token is within the ITL target, percent.
+    pub itl_attainment: f64,
+    /// GPU-hours.
+    pub gpu_hours: f64,
+    /// Dollars at the GPUClass price.
+    pub cost: f64,
+    /// Target changes per hour.
+    pub actions_per_hour: f64,
+    /// Mean seconds from a burst's onset to the first scale-up after it.
+    pub burst_to_decision: Option<f64>,
+    /// Mean seconds from a burst's onset until TTFT p95 is back within target.
+    pub burst_to_restored: Option<f64>,
+}
+
+/// Scores one run.
+pub fn summarize(
+    run: &RunResult,
+    bursts: &[f64],
+    ttft: f64,
+    itl: Option<f64>,
+    gpu_price: f64,
+    duration: f64,
+) -> Summary {
+    let n = run.outcomes.len().max(1) as f64;
+    let ttft_ok = run.outcomes.iter().filter(|o| o.ttft <= ttft).count() as f64;
+    let itl_ok = run
+        .outcomes
+        .iter()
+        .filter(|o| itl.is_none_or(|i| o.tpot <= i))
+        .count() as f64;
+    let p95 = ttft_series(&run.outcomes, duration);
+    let mut decision = Vec::new();
+    let mut restored = Vec::new();
+    for &onset in bursts {
+        if let Some((t, _, _)) = run
+            .actions
+            .iter()
+            .find(|(t, from, to)| *t >= onset && to > from && *t <= onset + 300.0)
+        {
+            decision.push(t - onset);
+        }
+        let start = (onset / 10.0) as usize;
+        let window = &p95[start.min(p95.len())..(start + 60).min(p95.len())];
+        let violated = window.iter().position(|v| *v > ttft);
+        restored.push(match violated {
+            None => 0.0,
+            Some(first) => window[first..]
+                .iter()
+                .position(|v| *v <= ttft)
+                .map(|k| ((first + k) * 10) as f64)
+                .unwrap_or(600.0),
+        });
+    }
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    Summary {
+        name: run.name,
+        ttft_attainment: 100.0 * ttft_ok / n,
+        itl_attainment: 100.0 * itl_ok / n,
+        gpu_hours: run.gpu_hours,
+        cost: run.gpu_hours * gpu_price,
+        actions_per_hour: run.actions.len() as f64 / (duration / 3600.0),
+        burst_to_decision: mean(&decision),
+        burst_to_restored: mean(&restored),
+    }
+}
+
+/// TTFT p95 of the requests arriving in each 10 s bin (0 for an empty bin).
+pub fn ttft_series(outcomes: &[Outcome], duration: f64) -> Vec<f64> {
+    let bins = (duration / 10.0).ceil() as usize;
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); bins.max(1)];
+    for o in outcomes {
+        let i = ((o.arrival / 10.0) as usize).min(per.len() - 1);
+        per[i].push(o.ttft);
+    }
+    per.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v.get(((v.len() as f64 * 0.95) as usize).min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        })
+        .collect()
+}
+
+/// Burst onsets: a 30 s demand at least 1.5 times the five minutes before it, at most one per
+/// five minutes.
+pub fn burst_onsets(demand_10: &[f64]) -> Vec<f64> {
+    let mut out: Vec<f64> = Vec::new();
+    for i in 30..demand_10.len().saturating_sub(3) {
+        let recent = demand_10[i..i + 3].iter().sum::<f64>() / 3.0;
+        let before = demand_10[i - 30..i].iter().sum::<f64>() / 30.0;
+        let t = i as f64 * 10.0;
+        if before > 0.0 && recent >= 1.5 * before && out.last().is_none_or(|l| t - l >= 300.0) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// The comparison table, Markdown.
+pub fn table(sim: &Simulation) -> String {
+    let mut s = String::new();
+    let f = &sim.fit;
+    let _ = writeln!(s, "latency model ({}): fixed {:.1} ms/step (+{:.1} ms with prefill), compute efficiency {:.2}, bandwidth efficiency {:.2}, {:.2} ms per decoding sequence; fit over {} rows ({} outliers left out): prefill MAPE {:.1}%, decode MAPE {:.1}%, max {:.1}%",
+        f.class, f.costs.fixed * 1e3, f.costs.prefill_fixed * 1e3, f.costs.compute_efficiency, f.costs.bandwidth_efficiency, f.costs.per_sequence * 1e3, f.rows, f.excluded, f.prefill_mape * 100.0, f.decode_mape * 100.0, f.max_error * 100.0);
+    let requests = sim.runs.first().map(|r| r.outcomes.len()).unwrap_or(0);
+    let _ = writeln!(s, "replica capacity within the SLO: {:.0} tokens/s; {requests} requests over {:.1} h; {} bursts\n", sim.capacity, sim.duration / 3600.0, sim.bursts.len());
+    let _ = writeln!(s, "| strategy | TTFT SLO % | ITL SLO % | GPU-hours | cost $ | scale actions/h | burst → decision s | burst → SLO restored s |");
+    let _ = writeln!(
+        s,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+    for r in &sim.summaries {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} | {} | {} |",
+            r.name,
+            r.ttft_attainment,
+            r.itl_attainment,
+            r.gpu_hours,
+            r.cost,
+            r.actions_per_hour,
+            opt(r.burst_to_decision),
+            opt(r.burst_to_restored)
+        );
+    }
+    s
+}
+
+/// Every 10 s: demand, and each strategy's target, ready replicas and TTFT p95.
+pub fn timeline_csv(sim: &Simulation) -> String {
+    let mut s = String::from("t_s,demand_tokens_per_s");
+    for r in &sim.runs {
+        let _ = write!(s, ",{0}_target,{0}_ready,{0}_ttft_p95_s", r.name);
+    }
+    s.push('\n');
+    let series: Vec<Vec<f64>> = sim
+        .runs
+        .iter()
+        .map(|r| ttft_series(&r.outcomes, sim.duration))
+        .collect();
+    for (i, d) in sim.demand_10.iter().enumerate() {
+        let _ = write!(s, "{},{d:.1}", (i + 1) * 10);
+        for (r, p) in sim.runs.iter().zip(&series) {
+            let _ = write!(
+                s,
+                ",{},{},{:.3}",
+                r.targets.get(i).copied().unwrap_or(0),
+                r.ready.get(i).copied().unwrap_or(0),
+                p.get(i).copied().unwrap_or(0.0)
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+const COLORS: [&str; 6] = [
+    "#888888", "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c",
+];
+
+/// Three stacked panels: demand, replicas per strategy, TTFT p95 (log scale) per strategy.
+pub fn svg(sim: &Simulation) -> String {
+    let (w, panel, left, top) = (1000.0, 200.0, 70.0, 30.0);
+    let plot_w = w - left - 20.0;
+    let n = sim.demand_10.len().max(2);
+    let x = |i: usize| left + plot_w * i as f64 / (n - 1) as f64;
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n", top + 3.0 * (panel + 40.0) + 30.0);
+    let polyline =
+        |s: &mut String, ys: &[f64], y0: f64, lo: f64, hi: f64, color: &str, log: bool| {
+            let map = |v: f64| {
+                let (v, lo, hi) = if log {
+                    (v.max(lo).ln(), lo.ln(), hi.ln())
+                } else {
+                    (v, lo, hi)
+                };
+                y0 + panel - panel * ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+            };
+            // At most 720 points a line: each keeps the highest value of its stretch, so peaks
+            // survive and a day-long plot stays small.
+            let stride = ys.len().div_ceil(720).max(1);
+            let pts: Vec<String> = ys
+                .chunks(stride)
+                .enumerate()
+                .map(|(k, chunk)| {
+                    let v = chunk.iter().copied().fold(f64::MIN, f64::max);
+                    format!("{:.1},{:.1}", x(k * stride), map(v))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.2\" points=\"{}\"/>",
+                pts.join(" ")
+            );
+        };
+    let frame = |s: &mut String, y0: f64, title: &str, lo: &str, hi: &str| {
+        let _ = writeln!(s, "<rect x=\"{left}\" y=\"{y0}\" width=\"{plot_w}\" height=\"{panel}\" fill=\"none\" stroke=\"#333\"/><text x=\"{left}\" y=\"{}\">{title}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{hi}</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{lo}</text>", y0 - 6.0, left - 4.0, y0 + 10.0, left - 4.0, y0 + panel);
+    };
+    // Demand.
+    let y0 = top;
+    let dmax = sim.demand_10.iter().copied().fold(1.0, f64::max);
+    frame(
+        &mut s,
+        y0,
+        "demand (tokens/s in + out, 10 s bins)",
+        "0",
+        &format!("{dmax:.0}"),
+    );
+    polyline(&mut s, &sim.demand_10, y0, 0.0, dmax, "#333333", false);
+    // Replicas.
+    let y1 = top + panel + 40.0;
+    let rmax = sim
+        .runs
+        .iter()
+        .flat_map(|r| r.targets.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    frame(&mut s, y1, "replicas (target)", "0", &format!("{rmax:.0}"));
+    for (r, c) in sim.runs.iter().zip(COLORS) {
+        let ys: Vec<f64> = r.targets.iter().map(|v| f64::from(*v)).collect();
+        polyline(&mut s, &ys, y1, 0.0, rmax, c, false);
+    }
+    // TTFT p95.
+    let y2 = top + 2.0 * (panel + 40.0);
+    frame(&mut s, y2, "TTFT p95 per 10 s (log scale)", "10ms", "100s");
+    for (r, c) in sim.runs.iter().zip(COLORS) {
+        polyline(
+            &mut s,
+            &ttft_series(&r.outcomes, sim.duration),
+            y2,
+            0.01,
+            100.0,
+            c,
+            true,
+        );
+    }
+    // Legend and time axis.
+    let ly = y2 + panel + 36.0;
+    for (i, (r, c)) in sim.runs.iter().zip(COLORS).enumerate() {
+        let lx = left + i as f64 * 150.0;
+        let _ = writeln!(s, "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{c}\"/><text x=\"{}\" y=\"{ly}\">{}</text>", ly - 10.0, lx + 16.0, r.name);
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{left}\" y=\"{0}\">0 h</text><text x=\"{1}\" y=\"{0}\" text-anchor=\"end\">{2:.1} h</text>",
+        y2 + panel + 14.0,
+        left + plot_w,
+        sim.duration / 3600.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// llmo's scaling decisions with their figures and reasons.
+pub fn decisions_csv(sim: &Simulation) -> String {
+    let mut s = String::from("t_s,from,to,kind,ttft_p95_s,utilization,queue_depth,load_tokens_per_s,capacity_tokens_per_s,reason\n");
+    for d in sim.runs.iter().flat_map(|r| &r.decisions) {
+        let _ = writeln!(
+            s,
+            "{},{},{},{:?},{},{:.3},{},{:.0},{},\"{}\"",
+            d.at,
+            d.from,
+            d.to,
+            d.kind,
+            d.ttft_p95.map(|v| format!("{v:.3}")).unwrap_or_default(),
+            d.utilization,
+            d.queue_depth,
+            d.load,
+            d.capacity.map(|v| format!("{v:.0}")).unwrap_or_default(),
+            d.reason.replace('"', "'")
+        );
+    }
+    s
+}

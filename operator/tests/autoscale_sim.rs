@@ -1,0 +1,84 @@
+//! The fleet simulator: the latency model's fit to the measurements, and determinism.
+
+use std::path::{Path, PathBuf};
+
+use llmo_operator::autoscale::sim::{self, fleet::Fleet, latency, SimulateArgs};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fleet() -> Fleet {
+    Fleet::load(&root().join("examples/fleet/llama2-70b-h100.yaml")).unwrap()
+}
+
+/// The stated error of the step-time model: within 15% mean absolute error on prompt and on
+/// per-token times for both measured classes, at most 40% on any fitted row, and at most 15% of
+/// the rows left out as outliers.
+#[test]
+fn latency_model_fits_the_measurements() {
+    let csv = root().join("data/splitwise-perf-model.csv");
+    let text = std::fs::read_to_string(root().join("examples/gpuclasses.yaml")).unwrap();
+    let classes: Vec<_> = llmo_operator::api::parse_manifests(&text)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|m| match m {
+            llmo_operator::api::Manifest::GpuClass(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    for (class, rows) in [("h100", "h100-80gb"), ("a100", "a100-80gb")] {
+        let c = classes
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(class))
+            .unwrap();
+        let hw = llmo_operator::plan::Hardware::from_class(class, &c.spec).unwrap();
+        let fit = latency::fit(&csv, rows, &hw).unwrap();
+        eprintln!("{fit:?}");
+        assert!(fit.prefill_mape < 0.15, "{fit:?}");
+        assert!(fit.decode_mape < 0.15, "{fit:?}");
+        assert!(fit.max_error < 0.40, "{fit:?}");
+        assert!(
+            fit.excluded * 100 <= 15 * (fit.rows + fit.excluded),
+            "{fit:?}"
+        );
+        assert!(fit.costs.compute_efficiency > 0.1 && fit.costs.compute_efficiency <= 1.0);
+        assert!(fit.costs.bandwidth_efficiency > 0.1 && fit.costs.bandwidth_efficiency <= 1.0);
+    }
+}
+
+fn args(seed: u64) -> SimulateArgs {
+    SimulateArgs {
+        fleet: root().join("examples/fleet/llama2-70b-h100.yaml"),
+        trace: root().join("data/azure-2023-conv.csv"),
+        rate_scale: 1.0,
+        diurnal: None,
+        seed,
+        perf_model: root().join("data/splitwise-perf-model.csv"),
+        out: std::env::temp_dir(),
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_table() {
+    let a = sim::simulate(&args(7)).unwrap();
+    let b = sim::simulate(&args(7)).unwrap();
+    assert_eq!(sim::report::table(&a), sim::report::table(&b));
+    assert_eq!(sim::report::timeline_csv(&a), sim::report::timeline_csv(&b));
+    assert_eq!(a.summaries.len(), 6);
+    // Every request of the trace is accounted for in every strategy.
+    for run in &a.runs {
+        assert_eq!(run.outcomes.len(), 19_366, "{}", run.name);
+    }
+    let svg = sim::report::svg(&a);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn the_fleet_file_bounds_replicas_by_the_pools() {
+    let f = fleet();
+    // 12 nodes of 8 H100s at 4 GPUs per replica hold 24 replicas.
+    assert_eq!(f.pool_replicas, 24);
+    assert_eq!(f.bounds(), (1, 24));
+    assert!((f.replica_price() - 4.0 * 2.99).abs() < 1e-9);
+}
