@@ -5,10 +5,22 @@
 use std::{
     net::TcpListener,
     path::PathBuf,
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
-use crate::repo_root;
+use crate::{repo_root, workspace_binary};
+
+/// A child process killed (and reaped) when the guard is dropped, also when a test fails.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// A running control plane; dropped, it stops every process and removes its files.
 #[derive(Debug)]
@@ -75,6 +87,86 @@ impl ControlPlane {
             .current_dir(repo_root())
             .output()
             .expect("kubectl runs (it ships with the machine image)")
+    }
+
+    /// Runs kubectl and returns whether it succeeded with its stdout and stderr.
+    pub fn try_kubectl(&self, args: &[&str]) -> (bool, String) {
+        let out = self.kubectl(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Runs kubectl, panicking with its output when it fails.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (success, text) = self.try_kubectl(args);
+        assert!(success, "kubectl {args:?}: {text}");
+        text
+    }
+
+    /// Polls kubectl until `want` accepts its output (45 s at most), and returns that output.
+    pub fn eventually(&self, what: &str, args: &[&str], want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let (_, text) = self.try_kubectl(args);
+            if want(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Installs the CRDs (the variant a v1.20 server accepts) and waits until they are served.
+    pub fn install_crds(&self) {
+        self.ok(&["apply", "-f", "crds/without-cel/"]);
+        self.ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd",
+            "--all",
+            "--timeout",
+            "60s",
+        ]);
+    }
+
+    /// Registers a Node object (no kubelet behind it) with these labels.
+    pub fn add_node(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: serde_json::Map<String, serde_json::Value> = [("kubernetes.io/hostname", name)]
+            .iter()
+            .chain(labels)
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}});
+        let path = self.dir.path().join(format!("node-{name}.json"));
+        std::fs::write(&path, node.to_string()).expect("the state directory is writable");
+        self.ok(&[
+            "apply",
+            "-f",
+            path.to_str().expect("a UTF-8 temporary path"),
+        ]);
+    }
+
+    /// Starts `llmo-operator ARGS` against this control plane; it stops when the guard drops.
+    pub fn spawn_operator(&self, args: &[&str]) -> KillOnDrop {
+        KillOnDrop(
+            Command::new(workspace_binary("llmo-operator"))
+                .args(args)
+                .env("KUBECONFIG", &self.kubeconfig)
+                .env("RUST_LOG", "warn")
+                .current_dir(repo_root())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("llmo-operator starts"),
+        )
     }
 }
 
