@@ -105,9 +105,40 @@ fn run_crdgen(dir: &std::path::Path, stdout: bool, check: bool) -> ExitCode {
     }
 }
 
+/// The files `-f` names: a directory stands for its `.yaml`, `.yml` and `.json` files, sorted,
+/// as with `kubectl apply -f DIR`.
+fn expand(files: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for path in files {
+        if !path.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+            })
+            .collect();
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
 fn run_validate(files: &[PathBuf]) -> ExitCode {
+    let files = match expand(files) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut failed = false;
-    for file in files {
+    for file in &files {
         let text = if file.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin())
         } else {
@@ -140,7 +171,7 @@ fn run_validate(files: &[PathBuf]) -> ExitCode {
 
 fn read_objects(files: &[PathBuf]) -> Result<Vec<api::Manifest>, String> {
     let mut out = Vec::new();
-    for file in files {
+    for file in &expand(files)? {
         let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
         if file.extension().is_some_and(|e| e == "json") {
             continue;
