@@ -117,6 +117,19 @@ fn the_operator_runs_a_deployment_through_its_life() {
         "a headless group service and the endpoint: {svcs}"
     );
     assert_eq!(condition(&plane, "Planned"), "True/Planned");
+    // Each decision is an Event on the deployment.
+    let events = [
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=smollm2",
+        "-o",
+        "jsonpath={range .items[*]}{.type}/{.reason}: {.message}{\"\\n\"}{end}",
+    ];
+    let seen = plane.eventually("the decisions as events", &events, |t| {
+        t.contains("Normal/GroupCreated") && t.contains("Normal/Planned")
+    });
+    assert!(seen.contains("created group smollm2-"), "{seen}");
     assert_eq!(condition(&plane, "Available"), "False/Starting");
 
     // The kubelet reports the pod ready: Available.
@@ -278,6 +291,9 @@ fn the_operator_runs_a_deployment_through_its_life() {
         |t| t.contains("spec.replicas: min (3) must not exceed max (1)"),
     );
     assert_eq!(condition(&plane, "Degraded"), "True/InvalidSpec");
+    plane.eventually("a warning event", &events, |t| {
+        t.contains("Warning/InvalidSpec: spec.replicas: min (3) must not exceed max (1)")
+    });
 
     // Deleting the deployment removes everything it made.
     plane.ok(&["delete", "md", "smollm2"]);

@@ -10,7 +10,12 @@ use k8s_openapi::{
 };
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
-    runtime::{controller::Action, reflector::ObjectRef, watcher, Controller},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::ObjectRef,
+        watcher, Controller,
+    },
     Api, Client, Resource, ResourceExt,
 };
 use serde_json::json;
@@ -52,7 +57,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 struct Context {
     client: Client,
+    recorder: Recorder,
     resync: Duration,
+}
+
+impl Context {
+    /// Records a decision as an Event on the deployment (`kubectl describe md` shows them). A
+    /// failed Event write is logged, never fatal: the decision itself already happened.
+    async fn event(
+        &self,
+        md: &ModelDeployment,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &md.object_ref(&())).await {
+            warn!(deployment = %md.name_any(), error = %e, "could not record an event");
+        }
+    }
 }
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=llmo-operator";
@@ -81,6 +115,7 @@ pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
     let store = controller.store();
     let ctx = Arc::new(Context {
         client: client.clone(),
+        recorder: Recorder::new(client.clone(), "llmo-operator".into()),
         resync: args.resync,
     });
     info!("llmo operator started");
@@ -185,6 +220,14 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
         Planned::Ready { plan, class } => (plan, class),
         Planned::Refused { reason, message } => {
             info!(deployment = %name, %reason, %message, "not planned");
+            // One Event per new refusal, not one per resync.
+            let already = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == cond::PLANNED && c.status == "False" && c.message == message);
+            if !already {
+                ctx.event(&md, true, reason, "Plan", message.clone()).await;
+            }
             set_condition(
                 &mut status.conditions,
                 cond::PLANNED,
@@ -238,6 +281,10 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
     let device = class.spec.device;
     status.plan = Some(plan.to_status(&md.spec.gpu.class));
     let revision = revision_hash(&md.spec, &plan);
+    if status.revision.as_deref() != Some(revision.as_str()) {
+        let note = format!("revision {revision}: {}", plan.reason);
+        ctx.event(&md, false, "Planned", "Plan", note).await;
+    }
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let own = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
@@ -253,6 +300,8 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
     for (group, why) in &decision.delete {
         info!(deployment = %name, %group, why, "deleting group");
+        let note = format!("deleted group {group}: {why}");
+        ctx.event(&md, false, "GroupDeleted", "Delete", note).await;
         pods.delete_collection(
             &DeleteParams::default(),
             &ListParams::default().labels(&format!("{LABEL_GROUP}={group}")),
@@ -294,7 +343,15 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
             let placement = match place_group(&request, &nodes, &mut taken, &mut spread) {
                 Ok(p) => p,
                 Err(e) => {
-                    placement_error = Some(e.to_string());
+                    let message = e.to_string();
+                    let already = status.conditions.iter().any(|c| {
+                        c.type_ == cond::PLACED && c.status == "False" && c.message == message
+                    });
+                    if !already {
+                        let reason = reasons::INSUFFICIENT_CAPACITY;
+                        ctx.event(&md, true, reason, "Place", message.clone()).await;
+                    }
+                    placement_error = Some(message);
                     break;
                 }
             };
@@ -307,6 +364,9 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
                 device,
             };
             info!(deployment = %name, group = %group.name(), "creating group");
+            let nodes: Vec<String> = placement.iter().map(|r| r.node.clone()).collect();
+            let note = format!("created group {} on {}", group.name(), nodes.join(", "));
+            ctx.event(&md, false, "GroupCreated", "Create", note).await;
             let svc = build_group_service(&group);
             services
                 .patch(&group.name(), &apply, &Patch::Apply(&svc))
