@@ -8,7 +8,7 @@ CARGO ?= cargo
 .PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model python-deps k8s cluster-up cluster-down bench-serve clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## Build every binary (release)
 	$(CARGO) build --workspace --release
