@@ -221,12 +221,7 @@ fn render(
     if let Some(gpu_nodes) = inventory {
         let nodes: Vec<NodeInventory> =
             gpu_nodes.iter().map(NodeInventory::from_gpu_node).collect();
-        let request = GroupRequest {
-            gpu_class: hw.class.clone(),
-            tensor: plan.layout.tensor,
-            pipeline: plan.layout.pipeline,
-            memory_mib: (m.total() / (1024.0 * 1024.0)).ceil() as u64,
-        };
+        let request = GroupRequest::for_plan(&hw.class, hw.device, plan);
         let mut taken = TakenGpus::new();
         let mut spread = Spread::default();
         for group in 0..spec.replicas.min {

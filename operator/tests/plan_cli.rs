@@ -138,3 +138,26 @@ fn reads_the_model_from_a_gguf_file() {
         "{out}"
     );
 }
+
+#[test]
+fn a_cpu_deployment_is_placed_on_cpu_nodes_as_the_operator_would() {
+    let inventory =
+        std::env::temp_dir().join(format!("llmo-cpu-inventory-{}.yaml", std::process::id()));
+    std::fs::write(
+        &inventory,
+        "apiVersion: llmo.dev/v1alpha1\nkind: GPUNode\nmetadata: {name: cpu-a}\nspec: {}\nstatus: {gpuClass: cpu}\n",
+    )
+    .unwrap();
+    let (ok, out, err) = plan(&[
+        "-f",
+        "examples/smollm2-cpu.yaml",
+        "--classes",
+        "examples/gpuclasses.yaml",
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&inventory);
+    assert!(ok, "{err}");
+    assert!(out.contains("group 0: rank 0 on cpu-a GPUs "), "{out}");
+    assert!(!out.contains("cannot place"), "{out}");
+}

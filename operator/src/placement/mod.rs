@@ -13,7 +13,10 @@ use std::collections::{BTreeSet, HashMap};
 
 pub use inventory::{NodeInventory, ZONE_LABEL};
 
-use crate::api::{GpuDevice, GpuHealth, RankPlacement};
+use crate::{
+    api::{DeviceKind, GpuDevice, GpuHealth, RankPlacement},
+    plan::Plan,
+};
 
 /// What one replica group needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +29,26 @@ pub struct GroupRequest {
     pub pipeline: u32,
     /// Free memory each chosen GPU must have, MiB.
     pub memory_mib: u64,
+}
+
+impl GroupRequest {
+    /// What one replica group of `plan` needs on `gpu_class`. Ranks of a `cpu` class take a
+    /// node but no GPU; GPU ranks need `tensor` GPUs with the plan's memory free on each.
+    pub fn for_plan(gpu_class: &str, device: DeviceKind, plan: &Plan) -> Self {
+        let (tensor, memory_mib) = match device {
+            DeviceKind::Cpu => (0, 0),
+            DeviceKind::Gpu => (
+                plan.layout.tensor,
+                (plan.memory.total() / (1024.0 * 1024.0)).ceil() as u64,
+            ),
+        };
+        Self {
+            gpu_class: gpu_class.to_owned(),
+            tensor,
+            pipeline: plan.layout.pipeline,
+            memory_mib,
+        }
+    }
 }
 
 /// GPUs already in use: node name to GPU indices. A hash map: it is read once per node per

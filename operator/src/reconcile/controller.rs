@@ -29,7 +29,7 @@ use super::{
 use crate::{
     api::{
         conditions::{self as cond, reasons},
-        validate_model_deployment, DeviceKind, GPUClass, GPUNode, GroupStatus, ModelDeployment,
+        validate_model_deployment, GPUClass, GPUNode, GroupStatus, ModelDeployment,
         ModelDeploymentStatus, RankPlacement,
     },
     placement::{place_group, GroupRequest, NodeInventory, Spread, TakenGpus},
@@ -325,20 +325,7 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
                 spread.add(&rank, &nodes);
             }
         }
-        let request = GroupRequest {
-            gpu_class: md.spec.gpu.class.clone(),
-            tensor: if device == DeviceKind::Cpu {
-                0
-            } else {
-                plan.layout.tensor
-            },
-            pipeline: plan.layout.pipeline,
-            memory_mib: if device == DeviceKind::Cpu {
-                0
-            } else {
-                (plan.memory.total() / (1024.0 * 1024.0)).ceil() as u64
-            },
-        };
+        let request = GroupRequest::for_plan(&md.spec.gpu.class, device, &plan);
         for &index in &decision.create {
             let placement = match place_group(&request, &nodes, &mut taken, &mut spread) {
                 Ok(p) => p,
