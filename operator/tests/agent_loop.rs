@@ -101,6 +101,7 @@ async fn the_agent_creates_its_gpunode_writes_status_and_labels_the_node() {
     let args = AgentArgs {
         node_name: Some("node-1".into()),
         simulate: vec![],
+        simulate_from_node: false,
         interval: HumanDuration::new(Duration::from_millis(50)),
         heartbeat: HumanDuration::new(Duration::from_secs(300)),
         memory_threshold_mib: 2048,
@@ -203,6 +204,7 @@ async fn without_the_crds_the_agent_stops_with_an_install_hint() {
     let args = AgentArgs {
         node_name: Some("node-1".into()),
         simulate: vec![],
+        simulate_from_node: false,
         interval: HumanDuration::new(Duration::from_secs(10)),
         heartbeat: HumanDuration::new(Duration::from_secs(300)),
         memory_threshold_mib: 2048,

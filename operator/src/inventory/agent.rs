@@ -51,6 +51,11 @@ pub struct AgentArgs {
     /// be given several times.
     #[arg(long, env = "LLMO_SIMULATE", value_name = "PROFILE.yaml")]
     pub simulate: Vec<PathBuf>,
+    /// Simulate idle GPUs as this node's labels describe them (`nvidia.com/gpu.count`,
+    /// `.product`, `.memory`), for local and test clusters whose nodes carry those labels but no
+    /// GPUs. A node without them is a CPU node (see --cpu-class).
+    #[arg(long, env = "LLMO_SIMULATE_FROM_NODE", conflicts_with_all = ["simulate", "measure_writes"])]
+    pub simulate_from_node: bool,
     /// How often to read the GPUs.
     #[arg(long, env = "LLMO_INTERVAL", default_value = "10s")]
     pub interval: HumanDuration,
@@ -116,7 +121,11 @@ fn run(args: AgentArgs) -> Result<(), InventoryError> {
         .clone()
         .ok_or_else(|| InventoryError::Usage("--node-name is required".into()))?;
     // Open the source before logging starts, so that a node without NVML prints one line.
-    let source = open_source(&args, &node_name)?;
+    let source = if args.simulate_from_node {
+        None
+    } else {
+        Some(open_source(&args, &node_name)?)
+    };
     init_tracing();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -129,6 +138,10 @@ fn run(args: AgentArgs) -> Result<(), InventoryError> {
                 e,
             )
         })?;
+        let source = match source {
+            Some(s) => s,
+            None => from_node(&client, &node_name).await?,
+        };
         run_agent(client, &args, &node_name, source, shutdown_signal()).await
     })
 }
@@ -150,6 +163,26 @@ fn open_source(
             "pass one --simulate profile to run the agent; several are for --measure-writes".into(),
         )),
     }
+}
+
+/// The simulated source `--simulate-from-node` describes: this node's GPU labels.
+async fn from_node(
+    client: &Client,
+    node_name: &str,
+) -> Result<Box<dyn InventorySource>, InventoryError> {
+    let node = Api::<Node>::all(client.clone())
+        .get(node_name)
+        .await
+        .map_err(|e| InventoryError::kube(format!("reading Node {node_name}"), e))?;
+    let profile = SimulationProfile::from_node_labels(node_name, node.labels())?;
+    if profile.gpu_count() == 0 {
+        return Ok(Box::new(NoGpus));
+    }
+    Ok(Box::new(SimulatedSource::new(
+        profile,
+        format!("labels of Node {node_name}"),
+        node_name,
+    )))
 }
 
 fn simulated(path: &Path, node_name: &str) -> Result<SimulatedSource, InventoryError> {

@@ -248,6 +248,76 @@ impl SimulationProfile {
         Ok(profile)
     }
 
+    /// A profile for a node whose GPUs are described only by its labels, as NVIDIA's GPU
+    /// feature discovery writes them (`nvidia.com/gpu.product`, `.count`, `.memory` in MiB) or as
+    /// a simulated cluster does: idle GPUs of that product. `llmo.dev/simulated-nvlink: all`
+    /// links them all. A node without `nvidia.com/gpu.count` (or a count of 0) has no GPUs.
+    pub fn from_node_labels(
+        node: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, InventoryError> {
+        let err = |field: &str, message: String| InventoryError::Profile {
+            path: format!("labels of Node {node}"),
+            field: field.to_owned(),
+            message,
+        };
+        let count: u32 = match labels.get("nvidia.com/gpu.count") {
+            None => 0,
+            Some(v) => v
+                .parse()
+                .map_err(|_| err("nvidia.com/gpu.count", format!("{v:?} is not a count")))?,
+        };
+        let mut profile = Self {
+            description: Some(format!("GPUs from the labels of Node {node}")),
+            seed: 0,
+            driver_version: default_driver(),
+            cuda_version: default_cuda(),
+            gpus: Vec::new(),
+            nvlink: NvlinkTopology::None,
+            load: LoadProfile::default(),
+            events: Vec::new(),
+        };
+        if count == 0 {
+            return Ok(profile);
+        }
+        let product = labels
+            .get("nvidia.com/gpu.product")
+            .ok_or_else(|| {
+                err(
+                    "nvidia.com/gpu.product",
+                    "missing; it names the GPU model".into(),
+                )
+            })?
+            // Feature discovery writes NVML's product name with dashes for spaces.
+            .replace('-', " ");
+        let memory: u64 = labels
+            .get("nvidia.com/gpu.memory")
+            .ok_or_else(|| {
+                err(
+                    "nvidia.com/gpu.memory",
+                    "missing; it is each GPU's memory in MiB".into(),
+                )
+            })
+            .and_then(|v| {
+                v.parse()
+                    .map_err(|_| err("nvidia.com/gpu.memory", format!("{v:?} is not MiB")))
+            })?;
+        profile.gpus.push(GpuGroup {
+            count,
+            product,
+            memory_total_mib: memory,
+            power_limit_watts: default_power(),
+            mig: false,
+        });
+        if labels.get("llmo.dev/simulated-nvlink").map(String::as_str) == Some("all") {
+            profile.nvlink = NvlinkTopology::All;
+        }
+        profile
+            .check()
+            .map_err(|(field, message)| err(&field, message))?;
+        Ok(profile)
+    }
+
     /// Total number of GPUs.
     pub fn gpu_count(&self) -> u32 {
         self.gpus.iter().map(|g| g.count).sum()
@@ -522,5 +592,46 @@ events:
             }
         }
         assert!(n >= 2, "examples/simulated holds the documented profiles");
+    }
+
+    #[test]
+    fn a_profile_from_node_labels() {
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let p = SimulationProfile::from_node_labels(
+            "n1",
+            &labels(&[
+                ("nvidia.com/gpu.count", "8"),
+                ("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
+                ("nvidia.com/gpu.memory", "81559"),
+                ("llmo.dev/simulated-nvlink", "all"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(p.gpu_count(), 8);
+        assert_eq!(p.gpus[0].product, "NVIDIA H100 80GB HBM3");
+        assert_eq!(p.gpus[0].memory_total_mib, 81559);
+        assert_eq!(p.nvlink, NvlinkTopology::All);
+
+        let cpu = SimulationProfile::from_node_labels("n2", &labels(&[])).unwrap();
+        assert_eq!(cpu.gpu_count(), 0);
+
+        let e = SimulationProfile::from_node_labels(
+            "n3",
+            &labels(&[
+                ("nvidia.com/gpu.count", "2"),
+                ("nvidia.com/gpu.product", "NVIDIA-L4"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("Node n3") && e.contains("nvidia.com/gpu.memory"),
+            "{e}"
+        );
     }
 }
