@@ -302,10 +302,18 @@ pub struct Autoscaling {
     /// How often the serving pods' metrics are read and a decision is taken.
     #[serde(default = "default_interval")]
     pub interval: HumanDuration,
+    /// How long the load must stay low before replicas are removed (`slo` mode). Longer avoids
+    /// paying a cold start when the load returns; shorter saves GPU hours on spiky traffic.
+    #[serde(default = "default_scale_down_delay")]
+    pub scale_down_delay: HumanDuration,
 }
 
 fn default_interval() -> HumanDuration {
     HumanDuration::new(std::time::Duration::from_secs(5))
+}
+
+fn default_scale_down_delay() -> HumanDuration {
+    HumanDuration::new(std::time::Duration::from_secs(300))
 }
 
 impl Default for Autoscaling {
@@ -313,6 +321,7 @@ impl Default for Autoscaling {
         Self {
             mode: AutoscalingMode::default(),
             interval: default_interval(),
+            scale_down_delay: default_scale_down_delay(),
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod exposition;
 pub mod histogram;
 pub mod policy;
+pub mod runner;
 pub mod signals;
 pub mod sim;
 pub mod status;

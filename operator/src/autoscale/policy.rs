@@ -80,6 +80,13 @@ impl PolicyConfig {
             ttft_target: spec.slo.ttft.get().as_secs_f64(),
             itl_target: spec.slo.inter_token_latency.map(|d| d.get().as_secs_f64()),
             utilization_target: spec.slo.utilization,
+            scale_down_window: spec.autoscaling.scale_down_delay.get().as_secs_f64(),
+            scale_down_every: spec
+                .autoscaling
+                .scale_down_delay
+                .get()
+                .as_secs_f64()
+                .min(Self::default().scale_down_every),
             ..Self::default()
         }
     }

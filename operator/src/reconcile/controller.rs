@@ -1,12 +1,20 @@
 //! The reconcile loop: the thin part that reads from and writes to the API server.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
     api::core::v1::{Pod, Service},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    jiff::Timestamp,
+    jiff::{SignedDuration, Timestamp},
 };
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -23,21 +31,28 @@ use tracing::{info, warn};
 
 use super::{
     conditions::set_condition,
-    decide::{decide, desired_replicas, observe_groups, ObservedGroup},
+    decide::{
+        decide, desired_replicas, drain_step, observe_groups, DrainProbe, DrainStep, ObservedGroup,
+        DRAIN_PROPAGATION,
+    },
+    leader::{Elector, LeaseConfig},
+    telemetry::{self, Health, Metrics, ResultLabel},
     ReconcileError,
 };
 use crate::{
     api::{
         conditions::{self as cond, reasons},
-        validate_model_deployment, GPUClass, GPUNode, GroupStatus, ModelDeployment,
-        ModelDeploymentStatus, RankPlacement,
+        validate_model_deployment, AutoscalingMode, EnvVar, GPUClass, GPUNode, GroupState,
+        GroupStatus, ModelDeployment, ModelDeploymentStatus, RankPlacement,
     },
+    autoscale::status::METRICS_AVAILABLE,
     placement::{place_group, GroupRequest, NodeInventory, Spread, TakenGpus},
     plan::{plan_layout, ModelArch, Plan},
     preview::{hardware_for, plan_request},
     workload::{
-        build_endpoint_service, build_group_pods, build_group_service, revision_hash, GroupSpec,
-        FIELD_MANAGER, LABEL_DEPLOYMENT, LABEL_GROUP,
+        build_endpoint_service, build_group_pods, build_group_service, revision_hash,
+        with_cluster_env, GroupSpec, ANNOTATION_DRAIN_STARTED, FIELD_MANAGER, HTTP_PORT,
+        LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_SERVING,
     },
 };
 
@@ -47,6 +62,29 @@ pub struct RunArgs {
     /// How often a deployment is reconciled when nothing changes.
     #[arg(long, env = "LLMO_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub resync: Duration,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "LLMO_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Elect one leader among the operator's replicas through a Lease; only it reconciles.
+    #[arg(long, env = "LLMO_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LLMO_LEASE_NAME", default_value = "llmo-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease: the operator's own (POD_NAMESPACE in a pod).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (POD_NAME in a pod; the host name otherwise).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long a Lease renewal is good for; a standby takes over this long after the leader's
+    /// death at most.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// An environment variable for every llmo-serve pod, as NAME=VALUE (repeatable): a Hub
+    /// mirror (HF_ENDPOINT), proxies, a token. A deployment's own `spec.serving.env` wins.
+    #[arg(long = "serving-env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub serving_env: Vec<EnvVar>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -55,10 +93,35 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
+fn parse_env(s: &str) -> Result<EnvVar, String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))?;
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !valid {
+        return Err(format!("{name:?} is not a valid environment variable name"));
+    }
+    if name.starts_with("LLMO_") {
+        return Err(format!(
+            "{name} is reserved: llmo sets LLMO_ variables from each deployment's plan"
+        ));
+    }
+    Ok(EnvVar {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    })
+}
+
 struct Context {
     client: Client,
     recorder: Recorder,
     resync: Duration,
+    metrics: Arc<Metrics>,
+    serving_env: Vec<EnvVar>,
+    /// For `POST /drain` to serving pods.
+    http: reqwest::Client,
 }
 
 impl Context {
@@ -92,11 +155,22 @@ impl Context {
 const MANAGED: &str = "app.kubernetes.io/managed-by=llmo-operator";
 const PLANNED_GPUS: &str = "llmo.dev/planned-gpus";
 
-/// Runs the controller until SIGTERM or Ctrl-C.
-pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
-    let client = Client::try_default()
+/// A client whose every request is counted in `llmo_operator_api_requests_total`.
+async fn counting_client(metrics: Arc<Metrics>) -> Result<Client, ReconcileError> {
+    let config = kube::Config::infer()
         .await
         .map_err(|e| ReconcileError::Config(e.to_string()))?;
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| ReconcileError::Config(e.to_string()))?;
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        metrics.count_request(req.method(), req.uri());
+        req
+    });
+    Ok(builder.with_layer(&layer).build())
+}
+
+/// Fails with a message that says how to install the CRDs when they are missing.
+async fn check_crds(client: &Client) -> Result<(), ReconcileError> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
         "modeldeployments.llmo.dev",
@@ -109,6 +183,110 @@ pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
             Err(e) => return Err(ReconcileError::kube(format!("reading CRD {name}"), e)),
         }
     }
+    Ok(())
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C: the health and metrics endpoints, the leader
+/// election and, while leading, the controller.
+pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let addr = args.metrics_addr;
+    let server = tokio::spawn(telemetry::serve(addr, metrics.clone(), health.clone()).map(
+        move |r| {
+            if let Err(e) = r {
+                tracing::error!(%addr, error = %e, "cannot serve /metrics, /healthz and /readyz; pick another --metrics-addr");
+            }
+        },
+    ));
+    let result = run_inner(args, metrics, health).await;
+    server.abort();
+    result
+}
+
+async fn run_inner(
+    args: RunArgs,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<(), ReconcileError> {
+    let client = counting_client(metrics.clone()).await?;
+    check_crds(&client).await?;
+    // Ready: the process is up and configured; a standby is as ready as the leader.
+    health.ready.store(true, Ordering::SeqCst);
+
+    let mut elector = None;
+    if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let mut e = Elector::new(
+            client.clone(),
+            LeaseConfig {
+                name: args.lease_name.clone(),
+                namespace: args.lease_namespace.clone(),
+                identity,
+                duration: args.lease_duration,
+                renew: (args.lease_duration / 3).max(Duration::from_millis(500)),
+            },
+        );
+        tokio::select! {
+            r = e.acquire() => r?,
+            _ = shutdown_signal() => {
+                info!("stopped while standing by");
+                return Ok(());
+            }
+        }
+        metrics.leader.set(1);
+        elector = Some(e);
+    }
+
+    // Stop reconciling on a signal, or at once when the lease is lost.
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let renewer = elector.map(|mut e| {
+        let period = (args.lease_duration / 3).max(Duration::from_millis(500));
+        let deadline = args.lease_duration;
+        tokio::spawn(async move {
+            let mut last_ok = tokio::time::Instant::now();
+            let mut lost_tx = Some(lost_tx);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    // The controller stopped: hand the elector back for release.
+                    _ = &mut done_rx => return e,
+                }
+                match e.renew().await {
+                    Ok(true) => last_ok = tokio::time::Instant::now(),
+                    Ok(false) => {
+                        warn!("another replica took the lease");
+                        break;
+                    }
+                    Err(err) => {
+                        warn!(error = %err, "could not renew the lease");
+                        if last_ok.elapsed() >= deadline {
+                            warn!("lease not renewed within its duration");
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(tx) = lost_tx.take() {
+                let _ = tx.send(());
+            }
+            e
+        })
+    });
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = lost_rx => {
+                if r.is_ok() {
+                    lost_flag.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    };
+
     let mds: Api<ModelDeployment> = Api::all(client.clone());
     let managed = watcher::Config::default().labels(MANAGED);
     let controller = Controller::new(mds, watcher::Config::default());
@@ -117,8 +295,25 @@ pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), "llmo-operator".into()),
         resync: args.resync,
+        metrics: metrics.clone(),
+        serving_env: args.serving_env.clone(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| ReconcileError::Config(format!("HTTP client: {e}")))?,
     });
     info!("llmo operator started");
+    // The autoscaler runs beside the controller, under the same leadership.
+    let (autoscaler_stop_tx, autoscaler_stop) = tokio::sync::oneshot::channel::<()>();
+    let autoscaler = tokio::spawn(crate::autoscale::runner::run(
+        client.clone(),
+        ctx.http.clone(),
+        MANAGED,
+        async move {
+            let _ = autoscaler_stop.await;
+        },
+    ));
     controller
         .owns(Api::<Pod>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed)
@@ -134,7 +329,7 @@ pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
                     .collect::<Vec<_>>()
             },
         )
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -142,8 +337,50 @@ pub async fn run(args: RunArgs) -> Result<(), ReconcileError> {
             }
         })
         .await;
+    let _ = autoscaler_stop_tx.send(());
+    let _ = autoscaler.await;
+    metrics.leader.set(0);
+    if lost.load(Ordering::SeqCst) {
+        return Err(ReconcileError::LeaseLost);
+    }
+    if let Some(handle) = renewer {
+        let _ = done_tx.send(());
+        if let Ok(mut e) = handle.await {
+            e.release().await;
+        }
+    }
     info!("llmo operator stopped");
     Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "llmo-operator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
 }
 
 fn error_policy(md: Arc<ModelDeployment>, error: &ReconcileError, _: Arc<Context>) -> Action {
@@ -208,15 +445,45 @@ async fn plan_for(md: &ModelDeployment, client: &Client) -> Result<Planned, Reco
 }
 
 async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
+    let result = reconcile_once(&md, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok((_, Outcome::Refused)) => "refused",
+        Ok((_, Outcome::Reconciled)) => "ok",
+        Err(_) => "error",
+    };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabel { result: outcome })
+        .inc();
+    result.map(|(action, _)| action)
+}
+
+/// Whether a reconcile got as far as applying objects.
+enum Outcome {
+    Reconciled,
+    Refused,
+}
+
+async fn reconcile_once(
+    md: &ModelDeployment,
+    ctx: &Context,
+) -> Result<(Action, Outcome), ReconcileError> {
     let client = &ctx.client;
     let name = md.name_any();
     let namespace = md.namespace().unwrap_or_else(|| "default".into());
     let generation = md.metadata.generation;
     let now = Timestamp::now();
-    let mut status = md.status.clone().unwrap_or_default();
+    let original = md.status.clone();
+    let mut status = original.clone().unwrap_or_default();
     status.observed_generation = generation;
+    // Cluster-wide serving env is part of what shapes the pods (and so of the revision).
+    let md = &with_cluster_env(md, &ctx.serving_env);
 
-    let (plan, class) = match plan_for(&md, client).await? {
+    let (plan, class) = match plan_for(md, client).await? {
         Planned::Ready { plan, class } => (plan, class),
         Planned::Refused { reason, message } => {
             info!(deployment = %name, %reason, %message, "not planned");
@@ -226,7 +493,7 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
                 .iter()
                 .any(|c| c.type_ == cond::PLANNED && c.status == "False" && c.message == message);
             if !already {
-                ctx.event(&md, true, reason, "Plan", message.clone()).await;
+                ctx.event(md, true, reason, "Plan", message.clone()).await;
             }
             set_condition(
                 &mut status.conditions,
@@ -251,13 +518,14 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
                 generation,
                 now,
             );
-            write_status(client, &md, &status).await?;
+            write_status(client, md, original.as_ref(), &status).await?;
             // An invalid spec waits for a change; a missing class or capacity is retried.
-            return Ok(if degraded {
+            let action = if degraded {
                 Action::await_change()
             } else {
                 Action::requeue(Duration::from_secs(60))
-            });
+            };
+            return Ok((action, Outcome::Refused));
         }
     };
     set_condition(
@@ -283,7 +551,7 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
     let revision = revision_hash(&md.spec, &plan);
     if status.revision.as_deref() != Some(revision.as_str()) {
         let note = format!("revision {revision}: {}", plan.reason);
-        ctx.event(&md, false, "Planned", "Plan", note).await;
+        ctx.event(md, false, "Planned", "Plan", note).await;
     }
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
@@ -294,24 +562,44 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
         .map_err(|e| ReconcileError::kube(format!("listing pods of {name}"), e))?
         .items;
     let observed = observe_groups(&existing);
-    let desired = desired_replicas(&md);
+    let desired = desired_replicas(md);
     let decision = decide(&revision, plan.layout.pipeline, desired, &observed);
 
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let mut deleted: Vec<String> = Vec::new();
     for (group, why) in &decision.delete {
-        info!(deployment = %name, %group, why, "deleting group");
-        let note = format!("deleted group {group}: {why}");
-        ctx.event(&md, false, "GroupDeleted", "Delete", note).await;
-        pods.delete_collection(
-            &DeleteParams::default(),
-            &ListParams::default().labels(&format!("{LABEL_GROUP}={group}")),
-        )
-        .await
-        .map_err(|e| ReconcileError::kube(format!("deleting pods of group {group}"), e))?;
-        match services.delete(group, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.is_not_found() => {}
-            Err(e) => return Err(ReconcileError::kube(format!("deleting service {group}"), e)),
+        delete_group(ctx, md, &pods, &services, group, why).await?;
+        deleted.push(group.clone());
+    }
+    // Graceful removals: out of the Service first, then drained, then deleted.
+    let mut drain_pending = false;
+    for (group, why) in &decision.drain {
+        info!(deployment = %name, %group, why, "draining group");
+        let note = format!("draining group {group}: {why}");
+        ctx.event(md, false, "GroupDraining", "Drain", note).await;
+        start_drain(&pods, &existing, group, now).await?;
+        drain_pending = true;
+    }
+    for g in observed.iter().filter(|g| g.draining_since.is_some()) {
+        let step = if g.failed {
+            DrainStep::Delete("a pod failed while draining".into())
+        } else {
+            let started = g.draining_since.unwrap_or(now);
+            let probes = if now.duration_since(started)
+                < SignedDuration::try_from(DRAIN_PROPAGATION).unwrap_or_default()
+            {
+                Vec::new()
+            } else {
+                probe_drain(&ctx.http, &existing, &g.name).await
+            };
+            drain_step(started, now, &probes)
+        };
+        match step {
+            DrainStep::Propagate | DrainStep::Wait => drain_pending = true,
+            DrainStep::Delete(why) => {
+                delete_group(ctx, md, &pods, &services, &g.name, &why).await?;
+                deleted.push(g.name.clone());
+            }
         }
     }
 
@@ -336,14 +624,14 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
                     });
                     if !already {
                         let reason = reasons::INSUFFICIENT_CAPACITY;
-                        ctx.event(&md, true, reason, "Place", message.clone()).await;
+                        ctx.event(md, true, reason, "Place", message.clone()).await;
                     }
                     placement_error = Some(message);
                     break;
                 }
             };
             let group = GroupSpec {
-                deployment: &md,
+                deployment: md,
                 plan: &plan,
                 revision: &revision,
                 index,
@@ -353,7 +641,7 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
             info!(deployment = %name, group = %group.name(), "creating group");
             let nodes: Vec<String> = placement.iter().map(|r| r.node.clone()).collect();
             let note = format!("created group {} on {}", group.name(), nodes.join(", "));
-            ctx.event(&md, false, "GroupCreated", "Create", note).await;
+            ctx.event(md, false, "GroupCreated", "Create", note).await;
             let svc = build_group_service(&group);
             services
                 .patch(&group.name(), &apply, &Patch::Apply(&svc))
@@ -369,16 +657,22 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    let endpoint = build_endpoint_service(&md);
-    services
-        .patch(&name, &apply, &Patch::Apply(&endpoint))
+    let endpoint = build_endpoint_service(md);
+    let current_endpoint = services
+        .get_opt(&name)
         .await
-        .map_err(|e| ReconcileError::kube(format!("applying service {name}"), e))?;
+        .map_err(|e| ReconcileError::kube(format!("reading service {name}"), e))?;
+    if !endpoint_matches(current_endpoint.as_ref(), &endpoint) {
+        services
+            .patch(&name, &apply, &Patch::Apply(&endpoint))
+            .await
+            .map_err(|e| ReconcileError::kube(format!("applying service {name}"), e))?;
+    }
 
     // Status from what exists now (deleted groups excluded; created ones show up next time).
     let live: Vec<&ObservedGroup> = observed
         .iter()
-        .filter(|g| !decision.delete.iter().any(|(n, _)| *n == g.name))
+        .filter(|g| !deleted.contains(&g.name))
         .collect();
     let pipeline = plan.layout.pipeline;
     let ready = live
@@ -436,13 +730,18 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
         generation,
         now,
     );
-    let progressing = decision.rolling || !decision.create.is_empty() || ready < desired as usize;
+    let progressing = decision.rolling
+        || drain_pending
+        || !decision.create.is_empty()
+        || ready < desired as usize;
     set_condition(
         &mut status.conditions,
         cond::PROGRESSING,
         progressing,
         if decision.rolling {
             "RollingOut"
+        } else if drain_pending {
+            "Draining"
         } else if progressing {
             "Scaling"
         } else {
@@ -455,12 +754,138 @@ async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action
         generation,
         now,
     );
-    write_status(client, &md, &status).await?;
-    Ok(if placement_error.is_some() || progressing {
+    write_status(client, md, original.as_ref(), &status).await?;
+    let states: Vec<GroupState> = status.groups.iter().map(|g| g.state).collect();
+    ctx.metrics.record_deployment(
+        &namespace,
+        &name,
+        &states,
+        desired,
+        u32::try_from(ready).unwrap_or(u32::MAX),
+    );
+    let action = if drain_pending {
+        // Drains move in seconds; look again soon.
+        Action::requeue(Duration::from_secs(3))
+    } else if placement_error.is_some() || progressing {
         Action::requeue(Duration::from_secs(15))
     } else {
         Action::requeue(ctx.resync)
-    })
+    };
+    Ok((action, Outcome::Reconciled))
+}
+
+/// Deletes a group's pods and its headless Service now.
+async fn delete_group(
+    ctx: &Context,
+    md: &ModelDeployment,
+    pods: &Api<Pod>,
+    services: &Api<Service>,
+    group: &str,
+    why: &str,
+) -> Result<(), ReconcileError> {
+    info!(deployment = %md.name_any(), %group, why, "deleting group");
+    let note = format!("deleted group {group}: {why}");
+    ctx.event(md, false, "GroupDeleted", "Delete", note).await;
+    pods.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels(&format!("{LABEL_GROUP}={group}")),
+    )
+    .await
+    .map_err(|e| ReconcileError::kube(format!("deleting pods of group {group}"), e))?;
+    match services.delete(group, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(ReconcileError::kube(format!("deleting service {group}"), e)),
+    }
+}
+
+/// Takes a group's pods out of the deployment's Service and records when its drain started.
+async fn start_drain(
+    pods: &Api<Pod>,
+    existing: &[Pod],
+    group: &str,
+    now: Timestamp,
+) -> Result<(), ReconcileError> {
+    let patch = json!({
+        "metadata": {
+            "labels": {LABEL_SERVING: "false"},
+            "annotations": {ANNOTATION_DRAIN_STARTED: now.to_string()},
+        }
+    });
+    for pod in existing
+        .iter()
+        .filter(|p| p.labels().get(LABEL_GROUP).map(String::as_str) == Some(group))
+    {
+        let pod_name = pod.name_any();
+        match pods
+            .patch(&pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => {
+                return Err(ReconcileError::kube(
+                    format!("marking pod {pod_name} as draining"),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks every pod of a draining group to drain (`POST /drain`, idempotent) and reads how many
+/// requests each still runs.
+async fn probe_drain(http: &reqwest::Client, existing: &[Pod], group: &str) -> Vec<DrainProbe> {
+    let targets: Vec<Option<String>> = existing
+        .iter()
+        .filter(|p| p.labels().get(LABEL_GROUP).map(String::as_str) == Some(group))
+        .map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+        .collect();
+    let asks = targets.into_iter().map(|ip| async move {
+        let Some(ip) = ip else {
+            return DrainProbe::Gone;
+        };
+        let url = format!("http://{ip}:{HTTP_PORT}/drain");
+        match http.post(&url).send().await {
+            Ok(resp) => match resp.json::<serde_json::Value>().await {
+                Ok(v) => v
+                    .get("in_flight")
+                    .and_then(serde_json::Value::as_u64)
+                    .map_or(DrainProbe::Unknown, DrainProbe::InFlight),
+                Err(_) => DrainProbe::Unknown,
+            },
+            Err(e) if e.is_connect() => DrainProbe::Gone,
+            Err(_) => DrainProbe::Unknown,
+        }
+    });
+    futures::future::join_all(asks).await
+}
+
+/// Whether the live endpoint Service already has what `desired` applies.
+fn endpoint_matches(current: Option<&Service>, desired: &Service) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    let (Some(cs), Some(ds)) = (current.spec.as_ref(), desired.spec.as_ref()) else {
+        return false;
+    };
+    let ports = |s: &k8s_openapi::api::core::v1::ServiceSpec| {
+        s.ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.port, p.target_port.clone()))
+            .collect::<Vec<_>>()
+    };
+    cs.selector == ds.selector
+        && ports(cs) == ports(ds)
+        && current.metadata.owner_references == desired.metadata.owner_references
+        && desired
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| current.labels().get(k) == Some(v))
 }
 
 fn count(n: usize) -> i32 {
@@ -541,17 +966,24 @@ fn ranks_of(pods: &[Pod], group: &str) -> Vec<RankPlacement> {
     ranks
 }
 
+/// Writes status, unless it is what the object already says: a settled deployment makes no
+/// writes at all.
 async fn write_status(
     client: &Client,
     md: &ModelDeployment,
+    current: Option<&ModelDeploymentStatus>,
     status: &ModelDeploymentStatus,
 ) -> Result<(), ReconcileError> {
+    let owned = reconciler_status(md, status);
+    if current.map(|c| reconciler_status(md, c)).as_ref() == Some(&owned) {
+        return Ok(());
+    }
     let api: Api<ModelDeployment> =
         Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
     let body = json!({
         "apiVersion": ModelDeployment::api_version(&()),
         "kind": ModelDeployment::kind(&()),
-        "status": status,
+        "status": owned,
     });
     api.patch_status(
         &md.name_any(),
@@ -561,4 +993,21 @@ async fn write_status(
     .await
     .map_err(|e| ReconcileError::kube(format!("writing status of {}", md.name_any()), e))?;
     Ok(())
+}
+
+/// The part of status the reconciler owns: all but what the autoscaler writes under its own
+/// field manager (`autoscaling`, the `MetricsAvailable` condition, and `desiredReplicas` in `slo`
+/// mode). Applying only these never reverts the autoscaler's newer values.
+fn reconciler_status(md: &ModelDeployment, status: &ModelDeploymentStatus) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("autoscaling");
+        if md.spec.autoscaling.mode == AutoscalingMode::Slo {
+            obj.remove("desiredReplicas");
+        }
+        if let Some(serde_json::Value::Array(conds)) = obj.get_mut("conditions") {
+            conds.retain(|c| c.get("type").and_then(|t| t.as_str()) != Some(METRICS_AVAILABLE));
+        }
+    }
+    value
 }

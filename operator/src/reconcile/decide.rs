@@ -7,11 +7,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::core::v1::Pod,
+    jiff::{SignedDuration, Timestamp},
+};
 
 use crate::{
     api::{AutoscalingMode, GroupState, ModelDeployment},
-    workload::{LABEL_GROUP, LABEL_RANK, LABEL_REVISION},
+    workload::{ANNOTATION_DRAIN_STARTED, LABEL_GROUP, LABEL_RANK, LABEL_REVISION},
 };
 
 /// Replicas the deployment should have now, before autoscaling: `replicas.count` in external
@@ -45,6 +50,8 @@ pub struct ObservedGroup {
     pub ready: u32,
     /// Whether a pod failed or is being deleted.
     pub failed: bool,
+    /// When the group was taken out of the Service to drain, if it was.
+    pub draining_since: Option<Timestamp>,
 }
 
 impl ObservedGroup {
@@ -52,6 +59,8 @@ impl ObservedGroup {
     pub fn state(&self, pipeline: u32) -> GroupState {
         if self.failed {
             GroupState::Failed
+        } else if self.draining_since.is_some() {
+            GroupState::Draining
         } else if self.ready >= pipeline && self.pods >= pipeline {
             GroupState::Ready
         } else if self.pods > 0 && self.ready == 0 && self.pods < pipeline {
@@ -86,7 +95,17 @@ pub fn observe_groups(pods: &[Pod]) -> Vec<ObservedGroup> {
             pods: 0,
             ready: 0,
             failed: false,
+            draining_since: None,
         });
+        let drain = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_DRAIN_STARTED))
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        if let Some(t) = drain {
+            g.draining_since = Some(g.draining_since.map_or(t, |d| d.min(t)));
+        }
         g.pods += 1;
         let status = pod.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
@@ -108,8 +127,10 @@ pub fn observe_groups(pods: &[Pod]) -> Vec<ObservedGroup> {
 pub struct Decision {
     /// Indices of groups to create at the current revision.
     pub create: Vec<u32>,
-    /// Names of groups to delete, with why.
+    /// Names of groups to delete now, with why: their pods failed.
     pub delete: Vec<(String, &'static str)>,
+    /// Names of groups to take out of service and delete once idle, with why.
+    pub drain: Vec<(String, &'static str)>,
     /// Groups at the current revision that are ready.
     pub ready_current: u32,
     /// Whether groups of an older revision remain.
@@ -117,8 +138,10 @@ pub struct Decision {
 }
 
 /// Decides creations and deletions for `desired` groups of `pipeline` pods at `revision`.
-pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedGroup]) -> Decision {
+pub fn decide(revision: &str, pipeline: u32, desired: u32, all: &[ObservedGroup]) -> Decision {
     let mut d = Decision::default();
+    // Draining groups are on their way out: the drain step deletes them, a failed one at once.
+    let observed: Vec<&ObservedGroup> = all.iter().filter(|g| g.draining_since.is_none()).collect();
     for g in observed.iter().filter(|g| g.failed) {
         d.delete.push((
             g.name.clone(),
@@ -128,6 +151,7 @@ pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedG
     let live = |current: bool| -> Vec<&ObservedGroup> {
         let mut v: Vec<&ObservedGroup> = observed
             .iter()
+            .copied()
             .filter(|g| !g.failed && (g.revision == revision) == current)
             .collect();
         v.sort_by_key(|g| g.index);
@@ -154,7 +178,8 @@ pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedG
     if have < target {
         // Indices of failed groups are free again once their pods are gone; new ones avoid them
         // until then.
-        let taken: Vec<u32> = observed
+        // Draining groups keep their indices until their pods are gone.
+        let taken: Vec<u32> = all
             .iter()
             .filter(|g| g.revision == revision)
             .map(|g| g.index)
@@ -168,7 +193,7 @@ pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedG
         }
     } else if have > target && old.is_empty() {
         for g in current.iter().rev().take((have - target) as usize) {
-            d.delete.push((g.name.clone(), "scaled down"));
+            d.drain.push((g.name.clone(), "scaled down"));
         }
     }
     if !old.is_empty() {
@@ -176,13 +201,72 @@ pub fn decide(revision: &str, pipeline: u32, desired: u32, observed: &[ObservedG
         let keep = desired.saturating_sub(d.ready_current) as usize;
         // Like scaling down, the highest indices go first.
         for g in old.iter().skip(keep).rev() {
-            d.delete.push((
+            d.drain.push((
                 g.name.clone(),
                 "replaced by a ready group at the new revision",
             ));
         }
     }
     d
+}
+
+/// How long a group stays out of the Service before it is asked to drain, so that no new
+/// request reaches it after it refuses new work: the endpoints controller and the proxies need a
+/// moment to see the label change.
+pub const DRAIN_PROPAGATION: Duration = Duration::from_secs(5);
+/// How long a group may take to finish its requests before it is deleted anyway.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// What one pod of a draining group answered to `POST /drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainProbe {
+    /// Draining, with this many requests still running.
+    InFlight(u64),
+    /// No address, or the connection was refused: nothing can be running there.
+    Gone,
+    /// No answer in time: it may still be busy.
+    Unknown,
+}
+
+/// The next step for a draining group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainStep {
+    /// Let the Service forget the group before asking it to drain.
+    Propagate,
+    /// Requests are still running (or the pods cannot tell): look again soon.
+    Wait,
+    /// Delete the group, with why.
+    Delete(String),
+}
+
+/// Decides the next step of a group draining since `started`, given each pod's answer. Pure.
+pub fn drain_step(started: Timestamp, now: Timestamp, probes: &[DrainProbe]) -> DrainStep {
+    let elapsed = now.duration_since(started);
+    let after = |d: Duration| elapsed >= SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+    if after(DRAIN_DEADLINE) {
+        let running: u64 = probes
+            .iter()
+            .map(|p| match p {
+                DrainProbe::InFlight(n) => *n,
+                _ => 0,
+            })
+            .sum();
+        return DrainStep::Delete(format!(
+            "drain deadline of {}s passed with {running} requests in flight",
+            DRAIN_DEADLINE.as_secs()
+        ));
+    }
+    if !after(DRAIN_PROPAGATION) {
+        return DrainStep::Propagate;
+    }
+    let idle = probes
+        .iter()
+        .all(|p| matches!(p, DrainProbe::InFlight(0) | DrainProbe::Gone));
+    if idle {
+        DrainStep::Delete("drained: no requests in flight".into())
+    } else {
+        DrainStep::Wait
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +281,7 @@ mod tests {
             pods,
             ready,
             failed: false,
+            draining_since: None,
         }
     }
 
@@ -211,12 +296,13 @@ mod tests {
             &[g("r1", 0, 1, 1), g("r1", 1, 1, 1), g("r1", 2, 1, 0)],
         );
         assert_eq!(
-            d.delete,
+            d.drain,
             [
                 ("m-r1-2".to_owned(), "scaled down"),
                 ("m-r1-1".to_owned(), "scaled down")
             ]
         );
+        assert!(d.delete.is_empty(), "scaling down drains, it does not cut");
         assert!(d.create.is_empty());
         assert_eq!(
             decide("r1", 1, 2, &[g("r1", 0, 1, 1), g("r1", 1, 1, 0)]),
@@ -242,20 +328,20 @@ mod tests {
         // Nothing new yet: create one, keep all old.
         let d = decide("r2", 1, 3, &old);
         assert_eq!(d.create, [0]);
-        assert!(d.delete.is_empty());
+        assert!(d.drain.is_empty());
         assert!(d.rolling);
         // The new one is starting: wait.
         let mut seen = old.to_vec();
         seen.push(g("r2", 0, 1, 0));
         let d = decide("r2", 1, 3, &seen);
-        assert!(d.create.is_empty() && d.delete.is_empty(), "{d:?}");
+        assert!(d.create.is_empty() && d.drain.is_empty(), "{d:?}");
         // It is ready: one more new, one old goes.
         seen.pop();
         seen.push(g("r2", 0, 1, 1));
         let d = decide("r2", 1, 3, &seen);
         assert_eq!(d.create, [1]);
-        assert_eq!(d.delete.len(), 1);
-        assert_eq!(d.delete[0].0, "m-r1-2");
+        assert_eq!(d.drain.len(), 1);
+        assert_eq!(d.drain[0].0, "m-r1-2");
         // All new ready: every old one goes.
         let all_new = [
             g("r1", 0, 1, 1),
@@ -266,7 +352,7 @@ mod tests {
         let d = decide("r2", 1, 3, &all_new);
         assert!(d.create.is_empty());
         assert_eq!(
-            d.delete,
+            d.drain,
             [(
                 "m-r1-0".to_owned(),
                 "replaced by a ready group at the new revision"
@@ -284,7 +370,7 @@ mod tests {
             for g in groups.iter_mut().filter(|g| g.revision == "b") {
                 g.ready = 1;
             }
-            groups.retain(|g| !d.delete.iter().any(|(n, _)| *n == g.name));
+            groups.retain(|g| !d.drain.iter().any(|(n, _)| *n == g.name));
             groups.extend(d.create.iter().map(|i| g("b", *i, 1, 0)));
             let ready_after = groups.iter().filter(|g| g.ready == 1).count();
             assert!(
@@ -295,5 +381,56 @@ mod tests {
         }
         assert!(groups.iter().all(|g| g.revision == "b" && g.ready == 1));
         assert_eq!(groups.len(), 4);
+    }
+
+    #[test]
+    fn draining_groups_are_left_to_the_drain_step_and_keep_their_index() {
+        let mut draining = g("r1", 1, 1, 1);
+        draining.draining_since = Some(Timestamp::now());
+        assert_eq!(draining.state(1), GroupState::Draining);
+        // Scale back up to 2 while index 1 drains: a new index, nothing deleted twice.
+        let d = decide("r1", 1, 2, &[g("r1", 0, 1, 1), draining.clone()]);
+        assert_eq!(d.create, [2]);
+        assert!(d.delete.is_empty() && d.drain.is_empty(), "{d:?}");
+        // A draining group does not hold a rollout back either.
+        let d = decide("r2", 1, 1, &[g("r2", 0, 1, 1), draining]);
+        assert!(!d.rolling);
+    }
+
+    #[test]
+    fn observe_reads_the_drain_annotation() {
+        let t: Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "m-r1-0-0",
+                "labels": {LABEL_GROUP: "m-r1-0", LABEL_REVISION: "r1", LABEL_RANK: "0"},
+                "annotations": {ANNOTATION_DRAIN_STARTED: t.to_string()},
+            },
+        }))
+        .unwrap();
+        let groups = observe_groups(&[pod]);
+        assert_eq!(groups[0].draining_since, Some(t));
+    }
+
+    #[test]
+    fn drain_waits_for_propagation_then_for_requests_then_for_the_deadline() {
+        let t0: Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        let at = |s: i64| t0 + SignedDuration::from_secs(s);
+        use DrainProbe::*;
+        assert_eq!(drain_step(t0, at(1), &[InFlight(0)]), DrainStep::Propagate);
+        assert_eq!(drain_step(t0, at(6), &[InFlight(3)]), DrainStep::Wait);
+        assert_eq!(
+            drain_step(t0, at(6), &[InFlight(0), Unknown]),
+            DrainStep::Wait
+        );
+        assert!(matches!(
+            drain_step(t0, at(6), &[InFlight(0), Gone]),
+            DrainStep::Delete(_)
+        ));
+        assert!(matches!(drain_step(t0, at(6), &[]), DrainStep::Delete(_)));
+        match drain_step(t0, at(121), &[InFlight(2), InFlight(1)]) {
+            DrainStep::Delete(why) => assert!(why.contains("3 requests"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -9,8 +9,13 @@ mod conditions;
 mod controller;
 mod decide;
 mod error;
+pub mod leader;
+pub mod telemetry;
 
 pub use conditions::set_condition;
 pub use controller::{run, RunArgs};
-pub use decide::{decide, desired_replicas, observe_groups, Decision, ObservedGroup};
+pub use decide::{
+    decide, desired_replicas, drain_step, observe_groups, Decision, DrainProbe, DrainStep,
+    ObservedGroup, DRAIN_DEADLINE, DRAIN_PROPAGATION,
+};
 pub use error::ReconcileError;

@@ -12,6 +12,11 @@ pub const LABEL_GROUP: &str = "llmo.dev/group";
 pub const LABEL_RANK: &str = "llmo.dev/rank";
 /// Label: the revision a group was created at.
 pub const LABEL_REVISION: &str = "llmo.dev/revision";
+/// Label: `true` while a pod takes traffic from the deployment's Service; set to `false` when its
+/// group starts draining, which takes it out of the Service before it is asked to drain.
+pub const LABEL_SERVING: &str = "llmo.dev/serving";
+/// Annotation: when the group of a pod started draining (RFC 3339).
+pub const ANNOTATION_DRAIN_STARTED: &str = "llmo.dev/drain-started";
 
 /// Hash of everything that shapes the serving pods: the spec minus what only the autoscaler or
 /// status reads (replica bounds, SLO, autoscaling), and the plan's layout. Eight hex digits.

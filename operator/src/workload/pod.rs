@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 
 use super::{
     group_name, pod_name, DEFAULT_SERVE_IMAGE, LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_RANK,
-    LABEL_REVISION,
+    LABEL_REVISION, LABEL_SERVING,
 };
 use crate::{
     api::{DeviceKind, ModelDeployment, RankPlacement},
@@ -98,6 +98,7 @@ fn build_pod(
     let name = group.name();
     let mut labels = group.labels();
     labels.insert(LABEL_RANK.to_owned(), placement.rank.to_string());
+    labels.insert(LABEL_SERVING.to_owned(), "true".to_owned());
     let mut annotations = BTreeMap::from([(
         "llmo.dev/planned-gpus".to_owned(),
         placement

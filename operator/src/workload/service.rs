@@ -9,7 +9,9 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 
-use super::{pod::GroupSpec, DIST_PORT, HTTP_PORT, LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_RANK};
+use super::{
+    pod::GroupSpec, DIST_PORT, HTTP_PORT, LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_RANK, LABEL_SERVING,
+};
 use crate::api::ModelDeployment;
 
 /// Headless Service of a group. Not-ready addresses are published: ranks must find each other
@@ -65,6 +67,7 @@ pub fn build_endpoint_service(md: &ModelDeployment) -> Service {
             selector: Some(BTreeMap::from([
                 (LABEL_DEPLOYMENT.to_owned(), md.name_any()),
                 (LABEL_RANK.to_owned(), "0".to_owned()),
+                (LABEL_SERVING.to_owned(), "true".to_owned()),
             ])),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),

@@ -1,0 +1,357 @@
+//! The autoscaler loop the operator runs while it leads: every deployment's `interval`, read the
+//! ready serving pods' `/metrics`, turn the scrapes into signals, let the policy decide, and write
+//! the outcome to `status.desiredReplicas` and `status.autoscaling`.
+//!
+//! It writes status under its own field manager, `llmo-autoscaler`, and only the fields it owns
+//! (`desiredReplicas`, `autoscaling` and the `MetricsAvailable` condition), so the reconciler's
+//! status writes and its never overwrite each other. The reconciler reacts to the new
+//! `desiredReplicas` like to any other change of the object. Deployments in `external` mode are
+//! left alone: the scale subresource drives them.
+//!
+//! Pods and deployments come from watches (reflector stores), so a round costs the API server
+//! nothing unless the outcome changed; scrapes go straight to the pods.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
+};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{reflector, watcher, WatchStreamExt},
+    Api, Client, Resource, ResourceExt,
+};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::{
+    compute_signals, decide, parse_metrics,
+    status::{metrics_condition, record, METRICS_AVAILABLE},
+    DecisionKind, Observation, PolicyConfig, PolicyState, ScrapeHistory, SignalConfig,
+};
+use crate::{
+    api::{AutoscalingMode, AutoscalingStatus, ModelDeployment},
+    reconcile::set_condition,
+    workload::{HTTP_PORT, LABEL_DEPLOYMENT, LABEL_RANK, LABEL_SERVING},
+};
+
+/// Field manager of the autoscaler's status writes.
+pub const FIELD_MANAGER: &str = "llmo-autoscaler";
+
+/// What the autoscaler keeps per deployment between rounds.
+#[derive(Debug, Default)]
+struct Tracked {
+    state: PolicyState,
+    history: ScrapeHistory,
+    next_due: f64,
+}
+
+/// A serving pod as the autoscaler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServingPod {
+    /// Pod name.
+    pub name: String,
+    /// Its address, once it has one.
+    pub ip: Option<String>,
+    /// Running and Ready.
+    pub ready: bool,
+    /// Seconds since it was created.
+    pub age: f64,
+}
+
+/// The rank-0 pods of `md` that take traffic (draining groups excluded). Pure.
+pub fn serving_pods(md: &ModelDeployment, pods: &[Arc<Pod>], now: Timestamp) -> Vec<ServingPod> {
+    let name = md.name_any();
+    let namespace = md.namespace().unwrap_or_default();
+    pods.iter()
+        .filter(|p| p.namespace().unwrap_or_default() == namespace)
+        .filter(|p| {
+            let l = p.labels();
+            l.get(LABEL_DEPLOYMENT) == Some(&name)
+                && l.get(LABEL_RANK).map(String::as_str) == Some("0")
+                && l.get(LABEL_SERVING).map(String::as_str) != Some("false")
+        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref();
+            let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+            if phase == "Failed" || phase == "Succeeded" {
+                return None;
+            }
+            let ready = phase == "Running"
+                && status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let age = p
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| now.duration_since(t.0).as_secs_f64().max(0.0))
+                .unwrap_or(0.0);
+            Some(ServingPod {
+                name: p.name_any(),
+                ip: status.and_then(|s| s.pod_ip.clone()),
+                ready,
+                age,
+            })
+        })
+        .collect()
+}
+
+/// Runs the autoscaler until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    http: reqwest::Client,
+    managed_pods: &str,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let (mds, md_writer) = reflector::store::<ModelDeployment>();
+    let md_watch = reflector::reflector(
+        md_writer,
+        watcher(
+            Api::<ModelDeployment>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|_| futures::future::ready(()));
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_watch = reflector::reflector(
+        pod_writer,
+        watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(managed_pods),
+        ),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|_| futures::future::ready(()));
+    let watches = tokio::spawn(async move {
+        tokio::join!(md_watch, pod_watch);
+    });
+    let _ = mds.wait_until_ready().await;
+    let _ = pods.wait_until_ready().await;
+    info!("autoscaler started");
+
+    let start = tokio::time::Instant::now();
+    let mut tracked: BTreeMap<(String, String), Tracked> = BTreeMap::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = &mut shutdown => break,
+        }
+        let t = start.elapsed().as_secs_f64();
+        let all = mds.state();
+        tracked.retain(|(ns, name), _| {
+            all.iter()
+                .any(|m| m.namespace().as_deref() == Some(ns) && &m.name_any() == name)
+        });
+        let pod_list = pods.state();
+        for md in all {
+            if md.spec.autoscaling.mode != AutoscalingMode::Slo
+                || md.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let key = (md.namespace().unwrap_or_default(), md.name_any());
+            let entry = tracked.entry(key).or_default();
+            if t < entry.next_due {
+                continue;
+            }
+            let interval = md.spec.autoscaling.interval.get().as_secs_f64().max(1.0);
+            entry.next_due = t + interval;
+            if let Err(e) = round(&client, &http, &md, &pod_list, entry, t).await {
+                warn!(deployment = %md.name_any(), error = %e, "autoscaler round failed");
+            }
+        }
+    }
+    watches.abort();
+    info!("autoscaler stopped");
+}
+
+async fn round(
+    client: &Client,
+    http: &reqwest::Client,
+    md: &ModelDeployment,
+    pods: &[Arc<Pod>],
+    tracked: &mut Tracked,
+    t: f64,
+) -> Result<(), kube::Error> {
+    let now = Timestamp::now();
+    let cfg = PolicyConfig::from_spec(&md.spec);
+    let signal_cfg = SignalConfig::for_interval(cfg.interval);
+    let serving = serving_pods(md, pods, now);
+    let ready: Vec<&ServingPod> = serving.iter().filter(|p| p.ready).collect();
+    let starting_ages: Vec<f64> = serving.iter().filter(|p| !p.ready).map(|p| p.age).collect();
+
+    let scrapes = futures::future::join_all(ready.iter().map(|p| scrape(http, p))).await;
+    for (pod, scraped) in ready.iter().zip(scrapes) {
+        match scraped {
+            Ok(m) => tracked.history.record(&pod.name, t, m),
+            Err(e) => debug!(pod = %pod.name, error = %e, "scrape failed"),
+        }
+    }
+    let names: Vec<&str> = ready.iter().map(|p| p.name.as_str()).collect();
+    tracked
+        .history
+        .prune(&names, t, signal_cfg.window + cfg.interval);
+    let signals = compute_signals(&tracked.history, &names, t, &signal_cfg);
+
+    let status = md.status.clone().unwrap_or_default();
+    let current = u32::try_from(status.desired_replicas)
+        .ok()
+        .filter(|d| *d > 0)
+        .unwrap_or(cfg.min)
+        .clamp(cfg.min, cfg.max.max(cfg.min));
+    let mut autoscaling = status.autoscaling.clone().unwrap_or_default();
+    let mut desired = current;
+    if let Ok(s) = &signals {
+        let obs = Observation {
+            now: t,
+            signals: s,
+            ready: u32::try_from(ready.len()).unwrap_or(u32::MAX),
+            starting_ages: &starting_ages,
+            current,
+            startup_time: None,
+        };
+        let (decision, next) = decide(&cfg, &tracked.state, &obs);
+        tracked.state = next;
+        if decision.kind != DecisionKind::Hold {
+            info!(
+                deployment = %md.name_any(),
+                from = decision.from,
+                to = decision.to,
+                reason = %decision.reason,
+                "scaling decision"
+            );
+        }
+        desired = decision.to;
+        record(&mut autoscaling, s, &decision, None, now);
+    }
+    let (cond_status, reason, message) = metrics_condition(&signals);
+    let mut conditions: Vec<Condition> = status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ == METRICS_AVAILABLE)
+        .cloned()
+        .collect();
+    set_condition(
+        &mut conditions,
+        METRICS_AVAILABLE,
+        cond_status == "True",
+        reason,
+        message,
+        md.metadata.generation,
+        now,
+    );
+    let unchanged = i64::from(desired) == i64::from(status.desired_replicas)
+        && status.autoscaling.as_ref() == Some(&autoscaling)
+        && status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == METRICS_AVAILABLE)
+            == conditions.first();
+    if unchanged {
+        return Ok(());
+    }
+    write(client, md, desired, &autoscaling, &conditions).await
+}
+
+async fn scrape(http: &reqwest::Client, pod: &ServingPod) -> Result<super::PodMetrics, String> {
+    let ip = pod.ip.as_deref().ok_or("no pod IP yet")?;
+    let body = http
+        .get(format!("http://{ip}:{HTTP_PORT}/metrics"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    parse_metrics(&body).map_err(|e| e.to_string())
+}
+
+async fn write(
+    client: &Client,
+    md: &ModelDeployment,
+    desired: u32,
+    autoscaling: &AutoscalingStatus,
+    conditions: &[Condition],
+) -> Result<(), kube::Error> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let body = json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "status": {
+            "desiredReplicas": desired,
+            "autoscaling": autoscaling,
+            "conditions": conditions,
+        },
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(
+        name: &str,
+        labels: serde_json::Value,
+        phase: &str,
+        ready: bool,
+        created: Timestamp,
+    ) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {
+                    "name": name, "namespace": "default", "labels": labels,
+                    "creationTimestamp": created.to_string(),
+                },
+                "status": {
+                    "phase": phase,
+                    "podIP": "10.0.0.1",
+                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn serving_pods_are_rank_zero_of_this_deployment_and_not_draining() {
+        let md: ModelDeployment = serde_json::from_value(json!({
+            "apiVersion": "llmo.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "default"},
+            "spec": {"model": {"uri": "hf://a/b"}, "gpu": {"class": "l4"}},
+        }))
+        .unwrap();
+        let now = Timestamp::now();
+        let t0 = now - k8s_openapi::jiff::SignedDuration::from_secs(30);
+        let l = |dep: &str, rank: &str, serving: &str| json!({LABEL_DEPLOYMENT: dep, LABEL_RANK: rank, LABEL_SERVING: serving});
+        let pods = vec![
+            pod("a", l("m", "0", "true"), "Running", true, t0),
+            pod("b", l("m", "1", "true"), "Running", true, t0),
+            pod("c", l("other", "0", "true"), "Running", true, t0),
+            pod("d", l("m", "0", "false"), "Running", true, t0),
+            pod("e", l("m", "0", "true"), "Pending", false, t0),
+            pod("f", l("m", "0", "true"), "Failed", false, t0),
+        ];
+        let got = serving_pods(&md, &pods, now);
+        let names: Vec<(&str, bool)> = got.iter().map(|p| (p.name.as_str(), p.ready)).collect();
+        assert_eq!(names, [("a", true), ("e", false)]);
+        assert!((got[1].age - 30.0).abs() < 1.0);
+    }
+}
