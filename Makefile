@@ -5,7 +5,7 @@ export CARGO_BUILD_JOBS ?= 2
 export LLMO_CACHE ?= $(HOME)/.cache/llmo
 CARGO ?= cargo
 
-.PHONY: help build test fmt fmt-check clippy crds crd-check unit fetch-model python-deps k8s cluster-up cluster-down bench-serve clean
+.PHONY: help build test fmt fmt-check clippy crds crd-check chart-check helm unit fetch-model python-deps k8s cluster-up cluster-down bench-serve clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ help: ## List the targets
 build: ## Build every binary (release)
 	$(CARGO) build --workspace --release
 
-test: fmt-check clippy crd-check fetch-model python-deps k8s unit ## Everything CI checks: format, lints, CRD drift, all tests
+test: fmt-check clippy crd-check chart-check fetch-model python-deps k8s unit ## Everything CI checks: format, lints, CRD and chart drift, chart lint, all tests
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -24,11 +24,18 @@ fmt-check: ## Fail when the code is not formatted
 clippy: ## Lints, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-crds: ## Regenerate crds/ from the API types
+crds: ## Regenerate crds/ from the API types, and the Helm chart's copies
 	$(CARGO) run --quiet -p llmo-operator -- crdgen --dir crds
+	bash scripts/chart-sync-crds.sh
 
 crd-check: ## Fail when crds/ differs from the API types
 	$(CARGO) run --quiet -p llmo-operator -- crdgen --dir crds --check
+
+helm: ## Install helm (v3.17.2, cached in $(LLMO_CACHE)/helm) and print its path
+	@bash scripts/helm.sh
+
+chart-check: ## Helm chart: CRD drift, helm lint --strict, template assertions, offline validation
+	bash scripts/chart-check.sh
 
 fetch-model: ## Download the bundled model (SmolLM2-135M-Instruct GGUF) into $(LLMO_CACHE)/models
 	bash scripts/fetch-model.sh
