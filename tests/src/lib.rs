@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod helm;
+pub mod pods;
 pub mod server_side;
 
 use std::path::{Path, PathBuf};

@@ -218,11 +218,27 @@ fn the_operator_runs_a_deployment_through_its_life() {
             ],
             |t| t.split_whitespace().count() == step + 1,
         );
-        let all = pods(&plane);
-        assert!(all.len() <= 3, "surge is one group: {all:?}");
+        // Replaced groups leave the Service at once and drain before they go.
+        let serving = plane.serving_pods_of("smollm2");
+        assert!(serving.len() <= 3, "surge is one group: {serving:?}");
         let newest = new_pod.split_whitespace().max().unwrap().to_owned();
         assert_eq!(condition(&plane, "Progressing"), "True/RollingOut");
         mark_ready(&plane, &newest);
+        if step == 0 {
+            // The old group it replaces leaves the Service, then drains, then goes.
+            plane.eventually(
+                "a replaced group draining",
+                &[
+                    "get",
+                    "pods",
+                    "-l",
+                    "llmo.dev/serving=false",
+                    "-o",
+                    "jsonpath={.items[*].metadata.annotations.llmo\\.dev/drain-started}",
+                ],
+                |t| !t.trim().is_empty(),
+            );
+        }
     }
     plane.eventually(
         "the old revision gone",
