@@ -1,7 +1,7 @@
 //! The reconcile loop: the thin part that reads from and writes to the API server.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -21,8 +21,8 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
-        reflector::ObjectRef,
-        watcher, Controller,
+        reflector::{self, ObjectRef, Store},
+        watcher, Controller, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -50,7 +50,7 @@ use crate::{
     plan::{plan_layout, ModelArch, Plan},
     preview::{hardware_for, plan_request},
     workload::{
-        build_endpoint_service, build_group_pods, build_group_service, revision_hash,
+        build_endpoint_service, build_group_pods, build_group_service, group_name, revision_hash,
         with_cluster_env, GroupSpec, ANNOTATION_DRAIN_STARTED, FIELD_MANAGER, HTTP_PORT,
         LABEL_DEPLOYMENT, LABEL_GROUP, LABEL_SERVING,
     },
@@ -122,6 +122,53 @@ struct Context {
     serving_env: Vec<EnvVar>,
     /// For `POST /drain` to serving pods.
     http: reqwest::Client,
+    /// What the watches know: llmo's pods, the GPU nodes and the classes. Reads come from here,
+    /// not from a LIST per reconcile, so a reconcile costs the API server its writes only.
+    pods: Store<Pod>,
+    nodes: Store<GPUNode>,
+    classes: Store<GPUClass>,
+    /// Placement is one critical section across deployments, so two reconciles running at once
+    /// never hand out the same GPU; pods created but not yet seen by the watch are held here.
+    placing: tokio::sync::Mutex<Reservations>,
+}
+
+/// GPUs of pods created by this operator that its pod watch has not delivered yet.
+#[derive(Debug, Default)]
+struct Reservations {
+    /// `namespace/pod` -> what it holds.
+    pods: BTreeMap<String, Reservation>,
+}
+
+#[derive(Debug)]
+struct Reservation {
+    group: String,
+    node: String,
+    gpus: BTreeSet<u32>,
+    at: std::time::Instant,
+}
+
+/// How long a reservation waits for its pod to show up in the watch before it is dropped.
+const RESERVATION_TTL: Duration = Duration::from_secs(60);
+
+impl Reservations {
+    /// Drops reservations whose pods the watch now shows, or that are too old to matter.
+    fn settle(&mut self, seen: &[Arc<Pod>]) {
+        let seen: BTreeSet<String> = seen
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        self.pods
+            .retain(|key, r| !seen.contains(key) && r.at.elapsed() < RESERVATION_TTL);
+    }
+
+    /// Groups (`namespace/group`) with pods in flight.
+    fn groups(&self, namespace: &str) -> BTreeSet<String> {
+        self.pods
+            .iter()
+            .filter(|(key, _)| key.split('/').next() == Some(namespace))
+            .map(|(_, r)| r.group.clone())
+            .collect()
+    }
 }
 
 impl Context {
@@ -289,8 +336,22 @@ async fn run_inner(
 
     let mds: Api<ModelDeployment> = Api::all(client.clone());
     let managed = watcher::Config::default().labels(MANAGED);
-    let controller = Controller::new(mds, watcher::Config::default());
+    let controller = Controller::new(mds, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(8));
     let store = controller.store();
+    let (pods, pod_watch) = watched::<Pod>(&client, managed.clone());
+    let (nodes, node_watch) = watched::<GPUNode>(&client, watcher::Config::default());
+    let (classes, class_watch) = watched::<GPUClass>(&client, watcher::Config::default());
+    let _watches = AbortOnDrop(vec![pod_watch, node_watch, class_watch]);
+    for (what, ready) in [
+        ("pods", pods.wait_until_ready().boxed()),
+        ("GPUNodes", nodes.wait_until_ready().boxed()),
+        ("GPUClasses", classes.wait_until_ready().boxed()),
+    ] {
+        ready
+            .await
+            .map_err(|e| ReconcileError::Config(format!("the {what} watch stopped: {e}")))?;
+    }
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), "llmo-operator".into()),
@@ -302,6 +363,10 @@ async fn run_inner(
             .connect_timeout(Duration::from_secs(1))
             .build()
             .map_err(|e| ReconcileError::Config(format!("HTTP client: {e}")))?,
+        pods,
+        nodes,
+        classes,
+        placing: tokio::sync::Mutex::new(Reservations::default()),
     });
     info!("llmo operator started");
     // The autoscaler runs beside the controller, under the same leadership.
@@ -317,14 +382,17 @@ async fn run_inner(
     controller
         .owns(Api::<Pod>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed)
-        // Capacity changed: every deployment may now fit, or lose a node.
+        // Capacity changed: deployments still waiting for GPUs may fit now, and those running on
+        // the node may have lost it. Settled deployments elsewhere are not disturbed.
         .watches(
             Api::<GPUNode>::all(client),
             watcher::Config::default(),
-            move |_| {
+            move |node: GPUNode| {
+                let node = node.name_any();
                 store
                     .state()
                     .iter()
+                    .filter(|md| concerned_by_node(md, &node))
                     .map(|md| ObjectRef::from_obj(md.as_ref()))
                     .collect::<Vec<_>>()
             },
@@ -400,7 +468,7 @@ enum Planned {
     },
 }
 
-async fn plan_for(md: &ModelDeployment, client: &Client) -> Result<Planned, ReconcileError> {
+fn plan_for(md: &ModelDeployment, classes: &Store<GPUClass>) -> Result<Planned, ReconcileError> {
     if let Err(errors) = validate_model_deployment(md) {
         return Ok(Planned::Refused {
             reason: reasons::INVALID_SPEC,
@@ -408,11 +476,9 @@ async fn plan_for(md: &ModelDeployment, client: &Client) -> Result<Planned, Reco
         });
     }
     let class_name = &md.spec.gpu.class;
-    let classes: Api<GPUClass> = Api::all(client.clone());
     let Some(class) = classes
-        .get_opt(class_name)
-        .await
-        .map_err(|e| ReconcileError::kube(format!("reading GPUClass {class_name}"), e))?
+        .get(&ObjectRef::new(class_name))
+        .map(|c| (*c).clone())
     else {
         return Ok(Planned::Refused {
             reason: reasons::DOES_NOT_FIT,
@@ -483,7 +549,7 @@ async fn reconcile_once(
     // Cluster-wide serving env is part of what shapes the pods (and so of the revision).
     let md = &with_cluster_env(md, &ctx.serving_env);
 
-    let (plan, class) = match plan_for(md, client).await? {
+    let (plan, class) = match plan_for(md, &ctx.classes)? {
         Planned::Ready { plan, class } => (plan, class),
         Planned::Refused { reason, message } => {
             info!(deployment = %name, %reason, %message, "not planned");
@@ -555,12 +621,16 @@ async fn reconcile_once(
     }
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let own = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
-    let existing = pods
-        .list(&own)
-        .await
-        .map_err(|e| ReconcileError::kube(format!("listing pods of {name}"), e))?
-        .items;
+    let existing: Vec<Pod> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(namespace.as_str())
+                && p.labels().get(LABEL_DEPLOYMENT) == Some(&name)
+        })
+        .map(|p| (**p).clone())
+        .collect();
     let observed = observe_groups(&existing);
     let desired = desired_replicas(md);
     let decision = decide(&revision, plan.layout.pipeline, desired, &observed);
@@ -606,7 +676,11 @@ async fn reconcile_once(
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let mut placement_error = None;
     if !decision.create.is_empty() {
-        let (nodes, mut taken) = inventory(client).await?;
+        let mut reservations = ctx.placing.lock().await;
+        let all_pods = ctx.pods.state();
+        reservations.settle(&all_pods);
+        let in_flight = reservations.groups(&namespace);
+        let (nodes, mut taken) = inventory(&ctx.nodes.state(), &all_pods, &reservations);
         let mut spread = Spread::default();
         for g in observed.iter().filter(|g| g.revision == revision) {
             for rank in ranks_of(&existing, &g.name) {
@@ -615,6 +689,10 @@ async fn reconcile_once(
         }
         let request = GroupRequest::for_plan(&md.spec.gpu.class, device, &plan);
         for &index in &decision.create {
+            if in_flight.contains(&group_name(&name, &revision, index)) {
+                // Created a moment ago; the pod watch has not delivered it yet.
+                continue;
+            }
             let placement = match place_group(&request, &nodes, &mut taken, &mut spread) {
                 Ok(p) => p,
                 Err(e) => {
@@ -649,11 +727,20 @@ async fn reconcile_once(
                 .map_err(|e| {
                     ReconcileError::kube(format!("applying service {}", group.name()), e)
                 })?;
-            for pod in build_group_pods(&group) {
+            for (pod, rank) in build_group_pods(&group).into_iter().zip(placement.iter()) {
                 let pod_name = pod.name_any();
                 pods.patch(&pod_name, &apply, &Patch::Apply(&pod))
                     .await
                     .map_err(|e| ReconcileError::kube(format!("applying pod {pod_name}"), e))?;
+                reservations.pods.insert(
+                    format!("{namespace}/{pod_name}"),
+                    Reservation {
+                        group: group.name(),
+                        node: rank.node.clone(),
+                        gpus: rank.gpus.iter().copied().collect(),
+                        at: std::time::Instant::now(),
+                    },
+                );
             }
         }
     }
@@ -763,11 +850,12 @@ async fn reconcile_once(
         desired,
         u32::try_from(ready).unwrap_or(u32::MAX),
     );
+    // Pods and GPU nodes are watched, so progress and new capacity wake the deployment up on
+    // their own; only drains, which move with the pods' traffic, are polled.
     let action = if drain_pending {
-        // Drains move in seconds; look again soon.
         Action::requeue(Duration::from_secs(3))
-    } else if placement_error.is_some() || progressing {
-        Action::requeue(Duration::from_secs(15))
+    } else if placement_error.is_some() {
+        Action::requeue(Duration::from_secs(60))
     } else {
         Action::requeue(ctx.resync)
     };
@@ -892,33 +980,78 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-/// Nodes of the fleet and the GPUs llmo pods already hold.
-async fn inventory(client: &Client) -> Result<(Vec<NodeInventory>, TakenGpus), ReconcileError> {
-    let gpunodes: Api<GPUNode> = Api::all(client.clone());
+/// Nodes of the fleet and the GPUs llmo pods already hold (or were just given).
+fn inventory(
+    gpunodes: &[Arc<GPUNode>],
+    pods: &[Arc<Pod>],
+    reservations: &Reservations,
+) -> (Vec<NodeInventory>, TakenGpus) {
     let mut nodes: Vec<NodeInventory> = gpunodes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| ReconcileError::kube("listing GPUNodes", e))?
-        .items
         .iter()
-        .map(NodeInventory::from_gpu_node)
+        .map(|n| NodeInventory::from_gpu_node(n))
         .collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let all_pods: Api<Pod> = Api::all(client.clone());
     let mut taken = TakenGpus::new();
-    for pod in all_pods
-        .list(&ListParams::default().labels(MANAGED))
-        .await
-        .map_err(|e| ReconcileError::kube("listing llmo pods", e))?
-        .items
-    {
-        let Some(node) = pinned_node(&pod) else {
+    for pod in pods {
+        let Some(node) = pinned_node(pod) else {
             continue;
         };
-        let gpus: BTreeSet<u32> = planned_gpus(&pod);
-        taken.entry(node).or_default().extend(gpus);
+        taken.entry(node).or_default().extend(planned_gpus(pod));
     }
-    Ok((nodes, taken))
+    for r in reservations.pods.values() {
+        taken
+            .entry(r.node.clone())
+            .or_default()
+            .extend(r.gpus.iter().copied());
+    }
+    (nodes, taken)
+}
+
+/// Whether a change of GPU node `node` may change what `md` should do: it is not fully placed
+/// yet, or it runs there.
+fn concerned_by_node(md: &ModelDeployment, node: &str) -> bool {
+    let Some(status) = &md.status else {
+        return true;
+    };
+    let placed = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == cond::PLACED && c.status == "True");
+    !placed
+        || status
+            .groups
+            .iter()
+            .any(|g| g.ranks.iter().any(|r| r.node == node))
+}
+
+/// Starts a watch of `K` into a store; the task ends when dropped through [`AbortOnDrop`].
+fn watched<K>(client: &Client, config: watcher::Config) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watcher(Api::<K>::all(client.clone()), config))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| futures::future::ready(()));
+    (reader, tokio::spawn(stream))
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 fn pinned_node(pod: &Pod) -> Option<String> {
@@ -1011,3 +1144,4 @@ fn reconciler_status(md: &ModelDeployment, status: &ModelDeploymentStatus) -> se
     }
     value
 }
+

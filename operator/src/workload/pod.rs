@@ -169,7 +169,7 @@ fn build_pod(
                 DeviceKind::Cpu => "cpu".to_owned(),
             },
         ),
-        ("LLMO_CACHE", MODEL_CACHE.to_owned()),
+        ("LLMO_CACHE_DIR", MODEL_CACHE.to_owned()),
         ("HF_HOME", format!("{MODEL_CACHE}/huggingface")),
     ]
     .into_iter()
