@@ -561,6 +561,14 @@ pub struct AutoscalingStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub last_decisions: Vec<ScalingDecision>,
+    /// Whether the last round could read the serving pods' metrics: `Scraped`, or why not
+    /// (`NoReadyPods`, `StaleMetrics`, `MissingMetric`). The `MetricsAvailable` condition says the
+    /// same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_reason: Option<String>,
+    /// The details of `metricsReason`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_message: Option<String>,
 }
 
 /// One scaling decision and the figures it was taken on.

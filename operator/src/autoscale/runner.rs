@@ -3,8 +3,10 @@
 //! the outcome to `status.desiredReplicas` and `status.autoscaling`.
 //!
 //! It writes status under its own field manager, `llmo-autoscaler`, and only the fields it owns
-//! (`desiredReplicas`, `autoscaling` and the `MetricsAvailable` condition), so the reconciler's
-//! status writes and its never overwrite each other. The reconciler reacts to the new
+//! (`desiredReplicas` and `autoscaling`), so the reconciler's status writes and its never overwrite
+//! each other. The reconciler turns `autoscaling.metricsReason` into the `MetricsAvailable`
+//! condition: Kubernetes 1.20 applies a CRD's condition list as one atomic field, so the list must
+//! have one writer. The reconciler reacts to the new
 //! `desiredReplicas` like to any other change of the object. Deployments in `external` mode are
 //! left alone: the scale subresource drives them.
 //!
@@ -14,9 +16,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::{
-    api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     api::{Patch, PatchParams},
     runtime::{reflector, watcher, WatchStreamExt},
@@ -27,12 +27,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     compute_signals, decide, parse_metrics,
-    status::{metrics_condition, record, METRICS_AVAILABLE},
+    status::{metrics_condition, record},
     DecisionKind, Observation, PolicyConfig, PolicyState, ScrapeHistory, SignalConfig,
 };
 use crate::{
     api::{AutoscalingMode, AutoscalingStatus, ModelDeployment},
-    reconcile::set_condition,
     workload::{HTTP_PORT, LABEL_DEPLOYMENT, LABEL_RANK, LABEL_SERVING},
 };
 
@@ -233,33 +232,15 @@ async fn round(
         desired = decision.to;
         record(&mut autoscaling, s, &decision, None, now);
     }
-    let (cond_status, reason, message) = metrics_condition(&signals);
-    let mut conditions: Vec<Condition> = status
-        .conditions
-        .iter()
-        .filter(|c| c.type_ == METRICS_AVAILABLE)
-        .cloned()
-        .collect();
-    set_condition(
-        &mut conditions,
-        METRICS_AVAILABLE,
-        cond_status == "True",
-        reason,
-        message,
-        md.metadata.generation,
-        now,
-    );
+    let (_, reason, message) = metrics_condition(&signals);
+    autoscaling.metrics_reason = Some(reason.to_owned());
+    autoscaling.metrics_message = Some(message);
     let unchanged = i64::from(desired) == i64::from(status.desired_replicas)
-        && status.autoscaling.as_ref() == Some(&autoscaling)
-        && status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == METRICS_AVAILABLE)
-            == conditions.first();
+        && status.autoscaling.as_ref() == Some(&autoscaling);
     if unchanged {
         return Ok(());
     }
-    write(client, md, desired, &autoscaling, &conditions).await
+    write(client, md, desired, &autoscaling).await
 }
 
 async fn scrape(http: &reqwest::Client, pod: &ServingPod) -> Result<super::PodMetrics, String> {
@@ -281,7 +262,6 @@ async fn write(
     md: &ModelDeployment,
     desired: u32,
     autoscaling: &AutoscalingStatus,
-    conditions: &[Condition],
 ) -> Result<(), kube::Error> {
     let api: Api<ModelDeployment> =
         Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
@@ -291,7 +271,6 @@ async fn write(
         "status": {
             "desiredReplicas": desired,
             "autoscaling": autoscaling,
-            "conditions": conditions,
         },
     });
     api.patch_status(

@@ -12,7 +12,7 @@ use std::{
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::core::v1::{ObjectReference, Pod, Service},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     jiff::{SignedDuration, Timestamp},
 };
@@ -125,6 +125,7 @@ struct Context {
     /// What the watches know: llmo's pods, the GPU nodes and the classes. Reads come from here,
     /// not from a LIST per reconcile, so a reconcile costs the API server its writes only.
     pods: Store<Pod>,
+    services: Store<Service>,
     nodes: Store<GPUNode>,
     classes: Store<GPUClass>,
     /// Placement is one critical section across deployments, so two reconciles running at once
@@ -182,6 +183,29 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        self.event_about(md, None, warning, reason, action, note)
+            .await;
+    }
+
+    /// An Event about one of the deployment's groups. The group (its Service) is the Event's
+    /// related object, so decisions about different groups are separate Events rather than
+    /// repeats of the first one.
+    async fn event_about(
+        &self,
+        md: &ModelDeployment,
+        group: Option<&str>,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let secondary = group.map(|g| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            name: Some(g.to_owned()),
+            namespace: md.namespace(),
+            ..Default::default()
+        });
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -191,7 +215,7 @@ impl Context {
             reason: reason.to_owned(),
             note: Some(note),
             action: action.to_owned(),
-            secondary: None,
+            secondary,
         };
         if let Err(e) = self.recorder.publish(&event, &md.object_ref(&())).await {
             warn!(deployment = %md.name_any(), error = %e, "could not record an event");
@@ -256,6 +280,19 @@ async fn run_inner(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> Result<(), ReconcileError> {
+    // One listener for the whole run, installed first: a SIGTERM that arrives while the controller
+    // is still starting (say, right after winning the lease) must not be lost.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let client = counting_client(metrics.clone()).await?;
     check_crds(&client).await?;
     // Ready: the process is up and configured; a standby is as ready as the leader.
@@ -276,7 +313,7 @@ async fn run_inner(
         );
         tokio::select! {
             r = e.acquire() => r?,
-            _ = shutdown_signal() => {
+            _ = stopped() => {
                 info!("stopped while standing by");
                 return Ok(());
             }
@@ -325,7 +362,7 @@ async fn run_inner(
     let lost_flag = lost.clone();
     let stop = async move {
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = stopped() => {}
             r = lost_rx => {
                 if r.is_ok() {
                     lost_flag.store(true, Ordering::SeqCst);
@@ -340,11 +377,13 @@ async fn run_inner(
         .with_config(kube::runtime::controller::Config::default().concurrency(8));
     let store = controller.store();
     let (pods, pod_watch) = watched::<Pod>(&client, managed.clone());
+    let (services, service_watch) = watched::<Service>(&client, managed.clone());
     let (nodes, node_watch) = watched::<GPUNode>(&client, watcher::Config::default());
     let (classes, class_watch) = watched::<GPUClass>(&client, watcher::Config::default());
-    let _watches = AbortOnDrop(vec![pod_watch, node_watch, class_watch]);
+    let _watches = AbortOnDrop(vec![pod_watch, service_watch, node_watch, class_watch]);
     for (what, ready) in [
         ("pods", pods.wait_until_ready().boxed()),
+        ("services", services.wait_until_ready().boxed()),
         ("GPUNodes", nodes.wait_until_ready().boxed()),
         ("GPUClasses", classes.wait_until_ready().boxed()),
     ] {
@@ -364,6 +403,7 @@ async fn run_inner(
             .build()
             .map_err(|e| ReconcileError::Config(format!("HTTP client: {e}")))?,
         pods,
+        services,
         nodes,
         classes,
         placing: tokio::sync::Mutex::new(Reservations::default()),
@@ -646,7 +686,8 @@ async fn reconcile_once(
     for (group, why) in &decision.drain {
         info!(deployment = %name, %group, why, "draining group");
         let note = format!("draining group {group}: {why}");
-        ctx.event(md, false, "GroupDraining", "Drain", note).await;
+        ctx.event_about(md, Some(group), false, "GroupDraining", "Drain", note)
+            .await;
         start_drain(&pods, &existing, group, now).await?;
         drain_pending = true;
     }
@@ -675,6 +716,8 @@ async fn reconcile_once(
 
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let mut placement_error = None;
+    // Groups applied in this reconcile (or a moment ago, still in flight).
+    let mut created = 0usize;
     if !decision.create.is_empty() {
         let mut reservations = ctx.placing.lock().await;
         let all_pods = ctx.pods.state();
@@ -691,6 +734,7 @@ async fn reconcile_once(
         for &index in &decision.create {
             if in_flight.contains(&group_name(&name, &revision, index)) {
                 // Created a moment ago; the pod watch has not delivered it yet.
+                created += 1;
                 continue;
             }
             let placement = match place_group(&request, &nodes, &mut taken, &mut spread) {
@@ -719,7 +763,15 @@ async fn reconcile_once(
             info!(deployment = %name, group = %group.name(), "creating group");
             let nodes: Vec<String> = placement.iter().map(|r| r.node.clone()).collect();
             let note = format!("created group {} on {}", group.name(), nodes.join(", "));
-            ctx.event(md, false, "GroupCreated", "Create", note).await;
+            ctx.event_about(
+                md,
+                Some(&group.name()),
+                false,
+                "GroupCreated",
+                "Create",
+                note,
+            )
+            .await;
             let svc = build_group_service(&group);
             services
                 .patch(&group.name(), &apply, &Patch::Apply(&svc))
@@ -727,6 +779,7 @@ async fn reconcile_once(
                 .map_err(|e| {
                     ReconcileError::kube(format!("applying service {}", group.name()), e)
                 })?;
+            created += 1;
             for (pod, rank) in build_group_pods(&group).into_iter().zip(placement.iter()) {
                 let pod_name = pod.name_any();
                 pods.patch(&pod_name, &apply, &Patch::Apply(&pod))
@@ -745,11 +798,8 @@ async fn reconcile_once(
         }
     }
     let endpoint = build_endpoint_service(md);
-    let current_endpoint = services
-        .get_opt(&name)
-        .await
-        .map_err(|e| ReconcileError::kube(format!("reading service {name}"), e))?;
-    if !endpoint_matches(current_endpoint.as_ref(), &endpoint) {
+    let current_endpoint = ctx.services.get(&ObjectRef::new(&name).within(&namespace));
+    if !endpoint_matches(current_endpoint.as_deref(), &endpoint) {
         services
             .patch(&name, &apply, &Patch::Apply(&endpoint))
             .await
@@ -766,10 +816,10 @@ async fn reconcile_once(
         .iter()
         .filter(|g| g.state(pipeline) == crate::api::GroupState::Ready)
         .count();
-    status.replicas = count(live.len() + decision.create.len());
+    status.replicas = count(live.len() + created);
     status.ready_replicas = count(ready);
     status.updated_replicas =
-        count(live.iter().filter(|g| g.revision == revision).count() + decision.create.len());
+        count(live.iter().filter(|g| g.revision == revision).count() + created);
     status.desired_replicas = i32::try_from(desired).unwrap_or(i32::MAX);
     status.selector = Some(format!("{LABEL_DEPLOYMENT}={name}"));
     status.revision = Some(revision.clone());
@@ -841,6 +891,24 @@ async fn reconcile_once(
         generation,
         now,
     );
+    // The autoscaler's verdict on the metrics, as a condition (it writes no conditions itself).
+    if md.spec.autoscaling.mode == AutoscalingMode::Slo {
+        if let Some(a) = status.autoscaling.clone() {
+            if let Some(reason) = a.metrics_reason {
+                set_condition(
+                    &mut status.conditions,
+                    METRICS_AVAILABLE,
+                    reason == crate::autoscale::status::REASON_SCRAPED,
+                    &reason,
+                    a.metrics_message.unwrap_or_default(),
+                    generation,
+                    now,
+                );
+            }
+        }
+    } else {
+        status.conditions.retain(|c| c.type_ != METRICS_AVAILABLE);
+    }
     write_status(client, md, original.as_ref(), &status).await?;
     let states: Vec<GroupState> = status.groups.iter().map(|g| g.state).collect();
     ctx.metrics.record_deployment(
@@ -873,7 +941,8 @@ async fn delete_group(
 ) -> Result<(), ReconcileError> {
     info!(deployment = %md.name_any(), %group, why, "deleting group");
     let note = format!("deleted group {group}: {why}");
-    ctx.event(md, false, "GroupDeleted", "Delete", note).await;
+    ctx.event_about(md, Some(group), false, "GroupDeleted", "Delete", note)
+        .await;
     pods.delete_collection(
         &DeleteParams::default(),
         &ListParams::default().labels(&format!("{LABEL_GROUP}={group}")),
@@ -906,7 +975,14 @@ async fn start_drain(
     {
         let pod_name = pod.name_any();
         match pods
-            .patch(&pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &pod_name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(&patch),
+            )
             .await
         {
             Ok(_) => {}
@@ -1129,8 +1205,8 @@ async fn write_status(
 }
 
 /// The part of status the reconciler owns: all but what the autoscaler writes under its own
-/// field manager (`autoscaling`, the `MetricsAvailable` condition, and `desiredReplicas` in `slo`
-/// mode). Applying only these never reverts the autoscaler's newer values.
+/// field manager (`autoscaling`, and `desiredReplicas` in `slo` mode). Applying only these never
+/// reverts the autoscaler's newer values.
 fn reconciler_status(md: &ModelDeployment, status: &ModelDeploymentStatus) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     if let Some(obj) = value.as_object_mut() {
@@ -1138,10 +1214,9 @@ fn reconciler_status(md: &ModelDeployment, status: &ModelDeploymentStatus) -> se
         if md.spec.autoscaling.mode == AutoscalingMode::Slo {
             obj.remove("desiredReplicas");
         }
-        if let Some(serde_json::Value::Array(conds)) = obj.get_mut("conditions") {
-            conds.retain(|c| c.get("type").and_then(|t| t.as_str()) != Some(METRICS_AVAILABLE));
-        }
     }
     value
 }
 
+#[cfg(test)]
+mod scenarios;

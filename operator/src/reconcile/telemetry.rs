@@ -3,9 +3,9 @@
 //! Metrics (OpenMetrics text at `/metrics`):
 //! - `llmo_operator_reconciles_total{result}`: reconciles by outcome (`ok`, `refused`, `error`);
 //! - `llmo_operator_reconcile_duration_seconds`: how long one reconcile took;
-//! - `llmo_operator_api_requests_total{verb}`: requests sent to the API server (`get`, `list`,
-//!   `watch`, `create`, `patch`, `update`, `delete`), counted on the client itself, so nothing is
-//!   missed;
+//! - `llmo_operator_api_requests_total{verb,resource}`: requests sent to the API server (`get`,
+//!   `list`, `watch`, `create`, `patch`, `update`, `delete`) by resource, counted on the client
+//!   itself, so nothing is missed;
 //! - `llmo_operator_groups{state}`: replica groups by state, summed over deployments;
 //! - `llmo_operator_deployment_replicas{namespace,deployment,kind}`: `desired` and `ready`;
 //! - `llmo_operator_leader`: 1 while this replica holds the lease.
@@ -44,11 +44,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
-/// Label of `llmo_operator_api_requests_total`.
+/// Labels of `llmo_operator_api_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabel {
     /// The Kubernetes verb of the request.
     pub verb: &'static str,
+    /// The resource (plural), e.g. `pods` or `leases`.
+    pub resource: String,
 }
 
 /// Label of `llmo_operator_groups`.
@@ -209,23 +211,10 @@ impl Metrics {
     /// Counts one API request.
     pub fn count_request(&self, method: &http::Method, uri: &http::Uri) {
         let verb = request_verb(method, uri);
-        self.api_requests.get_or_create(&VerbLabel { verb }).inc();
-    }
-
-    /// Sum of requests sent, and of those that write.
-    pub fn request_totals(&self) -> (u64, u64) {
-        let mut all = 0;
-        let mut writes = 0;
-        for verb in [
-            "get", "list", "watch", "create", "update", "patch", "delete",
-        ] {
-            let n = self.api_requests.get_or_create(&VerbLabel { verb }).get();
-            all += n;
-            if !matches!(verb, "get" | "list" | "watch") {
-                writes += n;
-            }
-        }
-        (all, writes)
+        let resource = request_resource(uri).to_owned();
+        self.api_requests
+            .get_or_create(&VerbLabel { verb, resource })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.
@@ -281,6 +270,21 @@ pub fn request_verb(method: &http::Method, uri: &http::Uri) -> &'static str {
         http::Method::PATCH => "patch",
         http::Method::DELETE => "delete",
         _ => "other",
+    }
+}
+
+/// The resource (plural) a request is about, from its URL; `""` for discovery and the like.
+pub fn request_resource(uri: &http::Uri) -> &str {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let after_version = if segments.first() == Some(&"api") {
+        segments.get(2..).unwrap_or(&[])
+    } else {
+        segments.get(3..).unwrap_or(&[])
+    };
+    match after_version {
+        ["namespaces", _, plural, ..] => plural,
+        [plural, ..] => plural,
+        [] => "",
     }
 }
 
@@ -391,13 +395,33 @@ mod tests {
     }
 
     #[test]
-    fn request_totals_split_writes() {
+    fn requests_are_counted_by_verb_and_resource() {
         let m = Metrics::new();
         m.count_request(&http::Method::GET, &"/api/v1/pods".parse().unwrap());
         m.count_request(
             &http::Method::PATCH,
             &"/api/v1/namespaces/d/pods/p".parse().unwrap(),
         );
-        assert_eq!(m.request_totals(), (2, 1));
+        m.count_request(
+            &http::Method::PUT,
+            &"/apis/coordination.k8s.io/v1/namespaces/d/leases/l"
+                .parse()
+                .unwrap(),
+        );
+        let text = m.encode();
+        for want in [
+            r#"llmo_operator_api_requests_total{verb="list",resource="pods"} 1"#,
+            r#"llmo_operator_api_requests_total{verb="patch",resource="pods"} 1"#,
+            r#"llmo_operator_api_requests_total{verb="update",resource="leases"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        let resource = |u: &str| request_resource(&u.parse().unwrap()).to_owned();
+        assert_eq!(
+            resource("/apis/llmo.dev/v1alpha1/gpunodes/n/status"),
+            "gpunodes"
+        );
+        assert_eq!(resource("/api/v1/namespaces/d"), "namespaces");
+        assert_eq!(resource("/apis"), "");
     }
 }

