@@ -4,8 +4,9 @@
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -166,6 +167,67 @@ impl ControlPlane {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("llmo-operator starts"),
+        )
+    }
+
+    /// Applies a YAML manifest (written to a file of this control plane's directory).
+    pub fn apply_yaml(&self, yaml: &str) -> String {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let path = self.dir.path().join(format!(
+            "manifest-{}.yaml",
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, yaml).expect("the state directory is writable");
+        self.ok(&[
+            "apply",
+            "-f",
+            path.to_str().expect("a UTF-8 temporary path"),
+        ])
+    }
+
+    /// Starts `llmo-kubelet` against this control plane for the nodes of `nodes_yaml` (see
+    /// `llmo_e2e::kubelet::NodesFile`), with `images` as `--image PREFIX=PATH` flags and `extra`
+    /// arguments. Its state (pod directories, logs, `services.json`) goes to `state_dir`, which
+    /// also receives `nodes.yaml` and the kubelet's own log, `kubelet.log`. Dropping the guard
+    /// kills it, and with it every process it started.
+    pub fn spawn_kubelet(
+        &self,
+        nodes_yaml: &str,
+        state_dir: &Path,
+        images: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> KillOnDrop {
+        std::fs::create_dir_all(state_dir).expect("the kubelet state directory can be created");
+        let nodes = state_dir.join("nodes.yaml");
+        std::fs::write(&nodes, nodes_yaml).expect("the kubelet state directory is writable");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("kubelet.log"))
+            .expect("the kubelet log can be opened");
+        let mut cmd = Command::new(workspace_binary("llmo-kubelet"));
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--nodes")
+            .arg(&nodes)
+            .arg("--state-dir")
+            .arg(state_dir);
+        for (prefix, path) in images {
+            cmd.arg("--image")
+                .arg(format!("{prefix}={}", path.display()));
+        }
+        KillOnDrop(
+            cmd.args(extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("LLMO_KUBELET_LOG")
+                        .unwrap_or_else(|_| "info,kube_client=error".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("llmo-kubelet starts"),
         )
     }
 }

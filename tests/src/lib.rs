@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod helm;
+pub mod kubelet;
 pub mod pods;
 pub mod server_side;
 
