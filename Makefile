@@ -5,7 +5,7 @@ export CARGO_BUILD_JOBS ?= 2
 export LLMO_CACHE ?= $(HOME)/.cache/llmo
 CARGO ?= cargo
 
-.PHONY: help build test fmt fmt-check clippy crds crd-check chart-check helm unit fetch-model python-deps k8s cluster-up cluster-down bench-serve clean
+.PHONY: help build test fmt fmt-check clippy crds crd-check chart-check helm unit fetch-model python-deps k8s cluster-up cluster-down demo demo-down bench-serve bench-operator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,8 +47,18 @@ bench-serve: fetch-model python-deps ## llmo-serve against llama.cpp's llama-ser
 	$(CARGO) build --release -p llmo-serve
 	LLMO_SERVE=$(CARGO_TARGET_DIR)/release/llmo-serve bash serving/bench/bench-serve.sh
 
+bench-operator: k8s ## 500 ModelDeployments over 200 simulated GPU nodes: convergence time, memory, requests, idle writes
+	$(CARGO) build --release -p llmo-operator
+	$(CARGO) run --release -p llmo-e2e --example operator_scale
+
 k8s: ## Build (once, cached) and install the Kubernetes v1.20.2 control plane the tests run against
 	bash scripts/k8s-build.sh
+
+demo: ## The whole job on a local cluster: control plane, Helm chart, the bundled model, a chat completion, load and autoscaling
+	bash scripts/demo.sh up
+
+demo-down: ## Stop the demo and remove its files
+	bash scripts/demo.sh down
 
 cluster-up: k8s ## Start a control plane on loopback (prints the KUBECONFIG to use)
 	bash scripts/cluster.sh up

@@ -79,6 +79,11 @@ pub fn labels(spec: &NodeSpec) -> BTreeMap<String, String> {
         if let Some(mib) = spec.memory_mib {
             set(GPU_MEMORY_LABEL, mib.to_string());
         }
+        // What `llmo-operator agent --simulate-from-node` reads for the NVLink topology.
+        set(
+            "llmo.dev/simulated-nvlink",
+            if spec.nvlink { "all" } else { "none" }.to_owned(),
+        );
     }
     labels
 }
