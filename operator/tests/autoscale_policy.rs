@@ -250,3 +250,45 @@ fn a_latency_floor_on_idle_replicas_adds_nothing() {
         decisions[0].reason
     );
 }
+
+#[test]
+fn an_idle_deployment_scales_down_once_its_capacity_is_known() {
+    // No prior: capacity is measured under load, then every request stops.
+    let c = PolicyConfig {
+        prior_capacity: None,
+        min: 1,
+        max: 3,
+        scale_down_window: 30.0,
+        scale_down_every: 30.0,
+        ..cfg()
+    };
+    let mut state = PolicyState::default();
+    let mut current = 3;
+    let mut seen = Vec::new();
+    for i in 0..60 {
+        let now = 5.0 * f64::from(i + 1);
+        let mut s = signals(now, current as usize, 1500.0, 0.5, 0.0);
+        if i >= 10 {
+            s = signals(now, current as usize, 0.0, 0.0, 0.0);
+            s.requests = 0.0;
+            s.ttft_p95 = None;
+            s.itl_p95 = None;
+        }
+        let obs = Observation {
+            now,
+            signals: &s,
+            ready: current,
+            starting_ages: &[],
+            current,
+            startup_time: None,
+        };
+        let (d, next) = decide(&c, &state, &obs);
+        state = next;
+        current = d.to;
+        seen.push(current);
+    }
+    assert!(state.capacity.is_some(), "measured under load");
+    assert_eq!(current, 1, "idle for 250 s: back to the minimum; {seen:?}");
+    // Gradually, and not before the window has passed since the load stopped.
+    assert!(seen[..16].iter().all(|r| *r == 3), "{seen:?}");
+}

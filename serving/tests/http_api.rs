@@ -312,7 +312,7 @@ async fn bad_requests_get_openai_errors() {
 }
 
 #[tokio::test]
-async fn full_queue_gets_429_and_drain_stops_admission() {
+async fn full_queue_gets_429_and_drain_leaves_service_closing_connections() {
     let server = Server::start(&["--max-running", "1", "--max-waiting", "1"]);
     let base = server.base.clone();
     let body = json!({"prompt": "Tell me a long story.", "max_tokens": 200, "temperature": 0});
@@ -355,8 +355,24 @@ async fn full_queue_gets_429_and_drain_stops_admission() {
             .status(),
         503
     );
-    let r = post(&base, "/v1/completions", body).await;
-    assert_eq!(r.status(), 503);
+    // Out of the Service, a request that still arrives (on an old connection) is served, and
+    // its connection closed so the client reconnects elsewhere.
+    let short = json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0});
+    let r = post(&base, "/v1/completions", short).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    let drained: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/drain"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(drained["in_flight"], 0, "{drained}");
     assert_eq!(
         reqwest::get(format!("{base}/health"))
             .await

@@ -286,7 +286,9 @@ pub fn decide(
     };
     let feed_forward = next
         .capacity
-        .filter(|_| measured || cfg.prior_capacity.is_some())
+        // Once capacity is known, a full window sizes the deployment even when it saw few or no
+        // requests: an idle deployment must be able to shrink.
+        .filter(|_| measured || full_window || cfg.prior_capacity.is_some())
         .map(|cap| demand / (cap * cfg.utilization_target));
     // Feedback from the SLO error. TTFT grows much faster than the capacity deficit near
     // saturation (queueing), so the error is damped: twice the target asks for a quarter more replicas, at least one.

@@ -691,7 +691,10 @@ async fn reconcile_once(
         start_drain(&pods, &existing, group, now).await?;
         drain_pending = true;
     }
-    for g in observed.iter().filter(|g| g.draining_since.is_some()) {
+    for g in observed
+        .iter()
+        .filter(|g| g.draining_since.is_some() && !g.deleting)
+    {
         let step = if g.failed {
             DrainStep::Delete("a pod failed while draining".into())
         } else {

@@ -52,6 +52,8 @@ pub struct ObservedGroup {
     pub failed: bool,
     /// When the group was taken out of the Service to drain, if it was.
     pub draining_since: Option<Timestamp>,
+    /// Every pod of the group is already being deleted: nothing more to do for it.
+    pub deleting: bool,
 }
 
 impl ObservedGroup {
@@ -96,7 +98,9 @@ pub fn observe_groups(pods: &[Pod]) -> Vec<ObservedGroup> {
             ready: 0,
             failed: false,
             draining_since: None,
+            deleting: true,
         });
+        g.deleting &= pod.metadata.deletion_timestamp.is_some();
         let drain = pod
             .metadata
             .annotations
@@ -142,7 +146,7 @@ pub fn decide(revision: &str, pipeline: u32, desired: u32, all: &[ObservedGroup]
     let mut d = Decision::default();
     // Draining groups are on their way out: the drain step deletes them, a failed one at once.
     let observed: Vec<&ObservedGroup> = all.iter().filter(|g| g.draining_since.is_none()).collect();
-    for g in observed.iter().filter(|g| g.failed) {
+    for g in observed.iter().filter(|g| g.failed && !g.deleting) {
         d.delete.push((
             g.name.clone(),
             "a pod of the group failed; the group restarts whole",
@@ -282,6 +286,7 @@ mod tests {
             ready,
             failed: false,
             draining_since: None,
+            deleting: false,
         }
     }
 

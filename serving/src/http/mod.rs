@@ -26,6 +26,10 @@ pub struct AppState {
     pub served_name: String,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// Set by `POST /drain`: out of the load balancer. Requests that still arrive (on kept-alive
+    /// connections opened before) are served, and every response closes its connection, so
+    /// clients reconnect through the Service to a pod that is in it.
+    pub out_of_service: AtomicBool,
     pub started: u64,
 }
 
@@ -36,6 +40,7 @@ impl AppState {
             served_name,
             metrics,
             draining: AtomicBool::new(false),
+            out_of_service: AtomicBool::new(false),
             started: unix_now(),
         })
     }
@@ -51,7 +56,12 @@ impl AppState {
             .ok_or_else(|| ApiError::unavailable("the model is still loading".into()))
     }
 
-    /// Stops admitting new requests; in-flight ones continue.
+    /// Leaves the load balancer (readiness fails) without refusing anything.
+    pub fn leave_service(&self) {
+        self.out_of_service.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops admitting new requests; in-flight ones continue. For shutdown.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         if let Some(e) = self.engine.get() {
@@ -96,7 +106,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/drain", post(drain))
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            close_when_out_of_service,
+        ))
         .with_state(state)
+}
+
+/// Out of service, every response asks the client to reconnect elsewhere.
+async fn close_when_out_of_service(
+    State(s): State<Arc<AppState>>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if s.out_of_service.load(Ordering::SeqCst) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> impl IntoResponse {
@@ -118,7 +146,7 @@ async fn health() -> &'static str {
 }
 
 async fn ready(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    if s.draining.load(Ordering::SeqCst) {
+    if s.draining.load(Ordering::SeqCst) || s.out_of_service.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if s.engine.get().is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "loading")
@@ -137,9 +165,13 @@ async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
+/// `POST /drain`: the operator took this pod out of its Service and asks it to wind down. It
+/// turns not-ready, still serves what arrives on connections opened before (closing each after
+/// its response), and reports how many requests are running. Idempotent: the operator polls it.
 async fn drain(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    s.start_drain();
-    tracing::info!(in_flight = s.in_flight(), "drain requested");
+    if !s.out_of_service.swap(true, Ordering::SeqCst) {
+        tracing::info!(in_flight = s.in_flight(), "drain requested");
+    }
     Json(json!({"draining": true, "in_flight": s.in_flight()}))
 }
 
