@@ -77,7 +77,9 @@ endpoint() { # the host address of the deployment's Service, published by llmo-k
 up() {
   mkdir -p "$DEMO/logs" "$DEMO/run"
   step "Build llmo-operator, llmo-serve and llmo-kubelet (release; cached in $TARGET)"
-  (cd "$ROOT" && cargo build --release -p llmo-operator -p llmo-serve -p llmo-e2e --bin llmo-kubelet) \
+  # Two invocations: `--bin` would narrow the first one to that binary alone.
+  (cd "$ROOT" && cargo build --release -p llmo-operator -p llmo-serve \
+    && cargo build --release -p llmo-e2e --bin llmo-kubelet) \
     || fail "cargo build" ""
 
   step "The bundled model (SmolLM2-135M-Instruct, 4-bit GGUF)"
