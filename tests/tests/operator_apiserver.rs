@@ -4,42 +4,6 @@
 
 use llmo_e2e::cluster::{ControlPlane, KillOnDrop};
 
-fn pods(plane: &ControlPlane) -> Vec<String> {
-    let text = plane.ok(&[
-        "get",
-        "pods",
-        "-l",
-        "llmo.dev/deployment=smollm2",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ]);
-    let mut names: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-    names.sort();
-    names
-}
-
-/// Plays the kubelet: sets a pod's phase, and its Ready condition when running.
-fn set_phase(plane: &ControlPlane, pod: &str, phase: &str) {
-    let ready = if phase == "Running" { "True" } else { "False" };
-    let patch = format!(
-        r#"{{"status":{{"phase":"{phase}","conditions":[{{"type":"Ready","status":"{ready}"}}]}}}}"#
-    );
-    plane.ok(&[
-        "patch",
-        "pod",
-        pod,
-        "--subresource=status",
-        "--type",
-        "merge",
-        "-p",
-        &patch,
-    ]);
-}
-
-fn mark_ready(plane: &ControlPlane, pod: &str) {
-    set_phase(plane, pod, "Running");
-}
-
 fn condition(plane: &ControlPlane, type_: &str) -> String {
     plane.ok(&["get", "md", "smollm2", "-o", &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}")])
 }
@@ -133,8 +97,8 @@ fn the_operator_runs_a_deployment_through_its_life() {
     assert_eq!(condition(&plane, "Available"), "False/Starting");
 
     // The kubelet reports the pod ready: Available.
-    let first = pods(&plane);
-    mark_ready(&plane, &first[0]);
+    let first = plane.pods_of("smollm2");
+    plane.mark_pod_ready(&first[0]);
     plane.eventually(
         "Available",
         &[
@@ -174,8 +138,8 @@ fn the_operator_runs_a_deployment_through_its_life() {
     let mut nodes: Vec<&str> = nodes.split_whitespace().collect();
     nodes.sort();
     assert_eq!(nodes, ["cpu-a", "cpu-b"], "replicas spread over nodes");
-    for p in pods(&plane) {
-        mark_ready(&plane, &p);
+    for p in plane.pods_of("smollm2") {
+        plane.mark_pod_ready(&p);
     }
     plane.eventually(
         "two ready",
@@ -223,7 +187,7 @@ fn the_operator_runs_a_deployment_through_its_life() {
         assert!(serving.len() <= 3, "surge is one group: {serving:?}");
         let newest = new_pod.split_whitespace().max().unwrap().to_owned();
         assert_eq!(condition(&plane, "Progressing"), "True/RollingOut");
-        mark_ready(&plane, &newest);
+        plane.mark_pod_ready(&newest);
         if step == 0 {
             // The old group it replaces leaves the Service, then drains, then goes.
             plane.eventually(
@@ -266,8 +230,8 @@ fn the_operator_runs_a_deployment_through_its_life() {
 
     // A failed rank restarts its whole group: the group is deleted and a replacement created at
     // once, under a free index (the failed group's index stays reserved while its pods go).
-    let before = pods(&plane);
-    set_phase(&plane, &before[0], "Failed");
+    let before = plane.pods_of("smollm2");
+    plane.set_pod_phase(&before[0], "Failed");
     let after = plane.eventually(
         "the failed group replaced",
         &[
