@@ -220,7 +220,19 @@ async fn round(
         };
         let (decision, next) = decide(&cfg, &tracked.state, &obs);
         tracked.state = next;
-        if decision.kind != DecisionKind::Hold {
+        if decision.kind == DecisionKind::Hold {
+            debug!(
+                deployment = %md.name_any(),
+                replicas = decision.from,
+                ready = obs.ready,
+                starting = starting_ages.len(),
+                load = decision.load,
+                capacity = ?decision.capacity,
+                queue = decision.queue_depth,
+                reason = %decision.reason,
+                "holding"
+            );
+        } else {
             info!(
                 deployment = %md.name_any(),
                 from = decision.from,
@@ -231,6 +243,9 @@ async fn round(
         }
         desired = decision.to;
         record(&mut autoscaling, s, &decision, None, now);
+    }
+    if let Err(e) = &signals {
+        debug!(deployment = %md.name_any(), reason = e.reason, message = %e.message, "no signals");
     }
     let (_, reason, message) = metrics_condition(&signals);
     autoscaling.metrics_reason = Some(reason.to_owned());
