@@ -6,6 +6,7 @@
 //! and [`server`] (start-up, drain, shutdown).
 
 pub mod config;
+pub mod dist;
 pub mod engine;
 pub mod http;
 pub mod kv;
