@@ -5,7 +5,7 @@ export CARGO_BUILD_JOBS ?= 2
 export LLMO_CACHE ?= $(HOME)/.cache/llmo
 CARGO ?= cargo
 
-.PHONY: help build test fmt fmt-check clippy crds crd-check chart-check helm unit fetch-model python-deps k8s cluster-up cluster-down demo demo-down bench-serve bench-operator clean
+.PHONY: help build test fmt fmt-check clippy crds crd-check chart-check helm unit fetch-model python-deps k8s cluster-up cluster-down demo demo-down bench-serve bench-parallel bench-operator clean
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -21,8 +21,9 @@ fmt: ## Format the code
 fmt-check: ## Fail when the code is not formatted
 	$(CARGO) fmt --all --check
 
-clippy: ## Lints, warnings are errors
+clippy: ## Lints, warnings are errors (also the CUDA build of llmo-serve, which needs no CUDA to compile)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p llmo-serve --features cuda --all-targets -- -D warnings
 
 crds: ## Regenerate crds/ from the API types, and the Helm chart's copies
 	$(CARGO) run --quiet -p llmo-operator -- crdgen --dir crds
@@ -46,6 +47,9 @@ python-deps: ## The official openai SDK, which the API compatibility tests drive
 bench-serve: fetch-model python-deps ## llmo-serve against llama.cpp's llama-server at concurrency 1, 4, 16 (builds llama.cpp once, ~12 min)
 	$(CARGO) build --release -p llmo-serve
 	LLMO_SERVE=$(CARGO_TARGET_DIR)/release/llmo-serve bash serving/bench/bench-serve.sh
+
+bench-parallel: fetch-model ## Tensor and pipeline parallel layouts over TCP: decode time per step and weights per rank against one process
+	$(CARGO) run --release -p llmo-serve --example parallel_bench -- "$$(bash scripts/fetch-model.sh)" 1 8
 
 bench-operator: k8s ## 500 ModelDeployments over 200 simulated GPU nodes: convergence time, memory, requests, idle writes
 	$(CARGO) build --release -p llmo-operator

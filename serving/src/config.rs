@@ -29,16 +29,23 @@ pub struct Args {
     /// Weight format: auto, f32, f16, bf16, int8, int4, q4k, q6k.
     #[arg(long, env = "LLMO_QUANTIZATION", default_value = "auto")]
     pub quantization: Quantization,
+    /// Tensor-parallel ranks per pipeline stage (attention heads, KV heads and the MLP split).
     #[arg(long, env = "LLMO_TENSOR_PARALLEL", default_value_t = 1)]
     pub tensor_parallel: usize,
+    /// Pipeline stages (contiguous layer ranges).
     #[arg(long, env = "LLMO_PIPELINE_PARALLEL", default_value_t = 1)]
     pub pipeline_parallel: usize,
-    /// This process's rank in the tensor × pipeline group.
+    /// This process's index in --peers. A group of T × P ranks over N processes puts T·P/N
+    /// consecutive ranks in each process (as threads); process 0 holds rank 0 and serves HTTP.
     #[arg(long, env = "LLMO_RANK", default_value_t = 0)]
     pub rank: usize,
-    /// Addresses of the other ranks, HOST:PORT,...
+    /// HOST:PORT of every process of the group, in process order, this one included (it
+    /// listens on its entry's port). Empty: the whole group runs in this process.
     #[arg(long, env = "LLMO_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Seconds to wait for every process of the group to join before giving up.
+    #[arg(long, env = "LLMO_JOIN_TIMEOUT", default_value_t = 600)]
+    pub join_timeout: u64,
     #[arg(long, env = "LLMO_HOST", default_value = "0.0.0.0")]
     pub host: String,
     #[arg(long, env = "LLMO_PORT", default_value_t = 8000)]

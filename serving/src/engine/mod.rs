@@ -1,6 +1,7 @@
 //! The inference engine: a dedicated thread that owns the model and the KV cache and runs the
 //! continuous-batching loop; callers talk to it through an [`EngineHandle`].
 
+pub mod group;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -19,6 +20,7 @@ use crate::kv::{KvError, KvStorage};
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::tokenizer::Tokenizer;
+use group::Executor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -55,6 +57,21 @@ pub struct EngineState {
 
 enum Command {
     Submit(Box<GenerationRequest>),
+    /// Stop the engine thread (dropping the executor tells a group's ranks to stop), then
+    /// report on the channel.
+    Stop(mpsc::Sender<()>),
+}
+
+fn check_capacity(config: &EngineConfig) -> Result<(), EngineError> {
+    let capacity = config.num_blocks * config.block_size;
+    if capacity < config.context_length {
+        return Err(KvError::TooSmall {
+            capacity,
+            context: config.context_length,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -71,42 +88,52 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Submit(r) => write!(f, "Submit({})", r.id),
+            Command::Stop(_) => f.write_str("Stop"),
         }
     }
 }
 
 impl EngineHandle {
-    /// Starts the engine thread.
+    /// Starts the engine thread over the whole model.
     pub fn start(
         loaded: LoadedModel,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
-        let capacity = config.num_blocks * config.block_size;
-        if capacity < config.context_length {
-            return Err(KvError::TooSmall {
-                capacity,
-                context: config.context_length,
-            }
-            .into());
-        }
-        let cfg = &loaded.model.config;
+        check_capacity(&config)?;
         let kv = KvStorage::new(
-            cfg.n_layers,
+            loaded.model.local_layers(),
             config.num_blocks,
             config.block_size,
-            cfg.n_kv_heads * cfg.head_dim,
+            loaded.model.kv_slot_stride(),
         );
-        let tokenizer = Arc::new(loaded.tokenizer);
+        let exec = Executor::Single {
+            model: loaded.model,
+            kv,
+        };
+        Self::start_with(exec, loaded.tokenizer, config, metrics, None)
+    }
+
+    /// Starts the engine thread over `exec` (a single model or rank 0 of a group).
+    /// `on_fatal` is called, once, if the engine stops because its group broke.
+    pub fn start_with(
+        exec: Executor,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        on_fatal: Option<Box<dyn FnOnce(String) + Send>>,
+    ) -> Result<Self, EngineError> {
+        check_capacity(&config)?;
+        let tokenizer = Arc::new(tokenizer);
         let state = Arc::new(EngineState::default());
         let (tx, rx) = mpsc::channel();
         let w = worker::Worker::new(
-            loaded.model,
-            kv,
+            exec,
             tokenizer.clone(),
             config.clone(),
             state.clone(),
             metrics.clone(),
+            on_fatal,
         );
         std::thread::Builder::new()
             .name("llmo-engine".into())
@@ -119,6 +146,16 @@ impl EngineHandle {
             metrics,
             config,
         })
+    }
+
+    /// Stops the engine thread after the step in progress (a group's other ranks are told to
+    /// stop too). Requests still running get no more tokens.
+    /// Blocks until it has stopped, at most a few seconds.
+    pub fn stop(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Command::Stop(done)).is_ok() {
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+        }
     }
 
     /// Queues a request; events arrive on the returned receiver. Dropping it cancels the request.

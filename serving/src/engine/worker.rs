@@ -5,14 +5,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use super::group::Executor;
 use super::request::{Event, FinishReason, GenerationRequest, Usage};
 use super::sampling::Sampler;
 use super::scheduler::{Scheduler, SchedulerConfig, Sequence};
 use super::stop::OutputText;
 use super::{Command, EngineConfig, EngineState};
-use crate::kv::KvStorage;
 use crate::metrics::{outcome, Metrics};
-use crate::model::{LlamaModel, StepInput};
+use crate::model::{ModelError, StepInput};
 use crate::tokenizer::Tokenizer;
 
 /// Window over which `llmo_engine_busy_ratio` is computed.
@@ -31,8 +31,7 @@ struct SeqState {
 }
 
 pub(super) struct Worker {
-    model: LlamaModel,
-    kv: KvStorage,
+    exec: Executor,
     tokenizer: Arc<Tokenizer>,
     cfg: EngineConfig,
     state: Arc<EngineState>,
@@ -42,16 +41,19 @@ pub(super) struct Worker {
     steps: VecDeque<(Instant, Duration)>,
     seen_prefix: (u64, u64),
     seen_preemptions: u64,
+    /// Why the engine cannot go on (a rank of its group was lost); set once, then it stops.
+    fatal: Option<String>,
+    on_fatal: Option<Box<dyn FnOnce(String) + Send>>,
 }
 
 impl Worker {
     pub(super) fn new(
-        model: LlamaModel,
-        kv: KvStorage,
+        exec: Executor,
         tokenizer: Arc<Tokenizer>,
         cfg: EngineConfig,
         state: Arc<EngineState>,
         metrics: Arc<Metrics>,
+        on_fatal: Option<Box<dyn FnOnce(String) + Send>>,
     ) -> Self {
         let sched = Scheduler::new(
             SchedulerConfig {
@@ -63,8 +65,7 @@ impl Worker {
             cfg.block_size,
         );
         Self {
-            model,
-            kv,
+            exec,
             tokenizer,
             cfg,
             state,
@@ -74,6 +75,8 @@ impl Worker {
             steps: VecDeque::new(),
             seen_prefix: (0, 0),
             seen_preemptions: 0,
+            fatal: None,
+            on_fatal,
         }
     }
 
@@ -82,15 +85,27 @@ impl Worker {
             if self.sched.is_idle() {
                 self.update_gauges();
                 match rx.recv() {
+                    Ok(Command::Stop(done)) => return self.stop(&done),
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => return,
                 }
             }
             while let Ok(cmd) = rx.try_recv() {
+                if let Command::Stop(done) = cmd {
+                    return self.stop(&done);
+                }
                 self.handle(cmd);
             }
             self.drop_cancelled();
-            if !self.step() {
+            let stepped = self.step();
+            if let Some(reason) = self.fatal.take() {
+                self.fail_everything(&reason);
+                if let Some(f) = self.on_fatal.take() {
+                    f(reason);
+                }
+                return;
+            }
+            if !stepped {
                 // Nothing could be scheduled (waiting sequences do not fit yet); avoid spinning.
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -100,6 +115,7 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Stop(_) => {}
             Command::Submit(req) => {
                 let id = self.next_id;
                 self.next_id += 1;
@@ -124,6 +140,30 @@ impl Worker {
             self.state.queued.fetch_sub(1, Ordering::SeqCst);
         }
         self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Stops: what is still running fails, the executor is dropped (a group's ranks are told
+    /// to stop), then `done` hears of it.
+    fn stop(mut self, done: &mpsc::Sender<()>) {
+        self.fail_everything("the server stopped");
+        drop(self);
+        let _ = done.send(());
+    }
+
+    /// Fails every running and waiting request with `reason`.
+    fn fail_everything(&mut self, reason: &str) {
+        let mut all = self.sched.remove_running(|_| true);
+        all.extend(self.sched.remove_waiting(|_| true));
+        for s in all {
+            let _ = s
+                .data
+                .req
+                .events
+                .send(Event::Error(format!("inference failed: {reason}")));
+            self.metrics.count_request(outcome::ERROR);
+            self.release(&s.data);
+        }
+        self.update_gauges();
     }
 
     /// Frees sequences whose client went away.
@@ -166,11 +206,16 @@ impl Worker {
             })
             .collect();
         let t0 = Instant::now();
-        let result = self.model.step(&inputs, &mut self.kv);
+        let result = self.exec.step(&inputs);
         let now = Instant::now();
         self.record_busy(t0, now - t0);
         let logits = match result {
             Ok(l) => l,
+            Err(e @ ModelError::Comm(_)) => {
+                tracing::error!(error = %e, "a rank of the group was lost; the engine stops");
+                self.fatal = Some(e.to_string());
+                return true;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "model step failed; failing its requests");
                 let ids: Vec<u64> = plan

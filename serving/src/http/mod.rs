@@ -31,6 +31,9 @@ pub struct AppState {
     /// clients reconnect through the Service to a pod that is in it.
     pub out_of_service: AtomicBool,
     pub started: u64,
+    /// Set in a process that hosts only other ranks of a parallel group (not rank 0): it is ready
+    /// once its ranks have joined and loaded, and it serves no requests; this says where to go.
+    pub group_worker: OnceLock<String>,
 }
 
 impl AppState {
@@ -42,6 +45,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             out_of_service: AtomicBool::new(false),
             started: unix_now(),
+            group_worker: OnceLock::new(),
         })
     }
 
@@ -50,6 +54,9 @@ impl AppState {
             return Err(ApiError::unavailable(
                 "the server is draining and accepts no new requests".into(),
             ));
+        }
+        if let Some(w) = self.group_worker.get() {
+            return Err(ApiError::unavailable(w.clone()));
         }
         self.engine
             .get()
@@ -148,7 +155,7 @@ async fn health() -> &'static str {
 async fn ready(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     if s.draining.load(Ordering::SeqCst) || s.out_of_service.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if s.engine.get().is_none() {
+    } else if s.engine.get().is_none() && s.group_worker.get().is_none() {
         (StatusCode::SERVICE_UNAVAILABLE, "loading")
     } else {
         (StatusCode::OK, "ready")

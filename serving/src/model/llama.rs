@@ -12,6 +12,8 @@
 //! `modeling_llama.py` / `modeling_qwen2.py`.
 
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
@@ -20,7 +22,9 @@ use super::attention::{paged_attention, HeadShape, RopeTable, RowContext};
 use super::config::LlamaConfig;
 use super::gguf::{GgufFile, TensorInfo};
 use super::quant::{target_dtype, to_f32, to_matmul, Linear, Quantization};
+use super::shard::Shard;
 use super::ModelError;
+use crate::dist::Communicator;
 use crate::kv::KvStorage;
 
 /// One sequence's share of a step.
@@ -46,19 +50,40 @@ struct Layer {
     down: Linear,
 }
 
-/// A loaded model, ready to run steps.
+/// A loaded model (or one rank's shard of it), ready to run steps.
 #[derive(Debug)]
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    embed: Tensor,
+    /// What this rank holds.
+    pub shard: Shard,
+    /// Embedding rows of this rank's vocabulary slice, f32, row-major (first stage only).
+    embed: Vec<f32>,
+    /// Vocabulary slice of the embedding and the LM head.
+    vocab_part: Range<usize>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Linear,
+    /// Final norm and LM head (last stage only).
+    norm: Option<Tensor>,
+    lm_head: Option<Linear>,
     rope: RopeTable,
     threads: usize,
     weight_bytes: usize,
+    /// Attention heads, KV heads and MLP width on this rank.
+    n_heads: usize,
+    n_kv_heads: usize,
+    ffn: usize,
+    /// The stage's tensor-parallel group, when it has more than one rank.
+    tp_group: Option<(Arc<dyn Communicator>, Vec<usize>)>,
     /// The weight format in use (`auto` resolved).
     pub quantization: Quantization,
+}
+
+/// What a step of one stage takes in and gives out.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// Hidden states of every row (`rows × hidden`), for the next stage.
+    Hidden(Vec<f32>),
+    /// Next-token logits of the rows that asked for them, in input order.
+    Logits(Vec<Vec<f32>>),
 }
 
 fn ggml_dtype(t: u32) -> Option<GgmlDType> {
@@ -83,20 +108,99 @@ fn ggml_dtype(t: u32) -> Option<GgmlDType> {
 }
 
 fn qtensor(g: &GgufFile, info: &TensorInfo) -> Result<QTensor, ModelError> {
-    let dt = ggml_dtype(info.ggml_type).ok_or_else(|| {
+    let dt = dtype_of(g, info)?;
+    let storage = QStorage::from_data(Cow::Borrowed(g.tensor_bytes(info)), &Device::Cpu, dt)?;
+    Ok(QTensor::new(storage, info.shape.as_slice())?)
+}
+
+fn dtype_of(g: &GgufFile, info: &TensorInfo) -> Result<GgmlDType, ModelError> {
+    ggml_dtype(info.ggml_type).ok_or_else(|| {
         ModelError::Unsupported(format!(
             "{}: tensor `{}` has ggml type {} which this build cannot run",
             g.path.display(),
             info.name,
             info.ggml_type
         ))
-    })?;
-    let storage = QStorage::from_data(Cow::Borrowed(g.tensor_bytes(info)), &Device::Cpu, dt)?;
-    Ok(QTensor::new(storage, info.shape.as_slice())?)
+    })
 }
 
 fn load(g: &GgufFile, name: &str) -> Result<QTensor, ModelError> {
     qtensor(g, g.tensor(name)?)
+}
+
+fn matrix_dims(g: &GgufFile, info: &TensorInfo) -> Result<(usize, usize), ModelError> {
+    match info.shape.as_slice() {
+        [rows, cols] => Ok((*rows, *cols)),
+        other => Err(ModelError::Unsupported(format!(
+            "{}: tensor `{}` has shape {other:?}, expected a matrix",
+            g.path.display(),
+            info.name
+        ))),
+    }
+}
+
+/// Rows `rows` (output features) of a weight matrix, read from the file's bytes for those rows
+/// only: a quantized row is a whole number of blocks, so the slice is contiguous.
+fn load_rows(g: &GgufFile, name: &str, rows: Range<usize>) -> Result<QTensor, ModelError> {
+    let info = g.tensor(name)?;
+    let (n, k) = matrix_dims(g, info)?;
+    if rows == (0..n) {
+        return qtensor(g, info);
+    }
+    let dt = dtype_of(g, info)?;
+    let row_bytes = k / dt.block_size() * dt.type_size();
+    let bytes = &g.tensor_bytes(info)[rows.start * row_bytes..rows.end * row_bytes];
+    let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dt)?;
+    Ok(QTensor::new(storage, (rows.len(), k))?)
+}
+
+/// Columns `cols` (input features) of a weight matrix. When the range falls on quantization
+/// block boundaries each row's blocks are copied as they are; otherwise the matrix is widened
+/// to f32 one row at a time and the slice kept in f32.
+fn load_cols(g: &GgufFile, name: &str, cols: Range<usize>) -> Result<QTensor, ModelError> {
+    let info = g.tensor(name)?;
+    let (n, k) = matrix_dims(g, info)?;
+    if cols == (0..k) {
+        return qtensor(g, info);
+    }
+    let dt = dtype_of(g, info)?;
+    let (bs, ts) = (dt.block_size(), dt.type_size());
+    let row_bytes = k / bs * ts;
+    let all = g.tensor_bytes(info);
+    if cols.start.is_multiple_of(bs) && cols.end.is_multiple_of(bs) {
+        let (b0, b1) = (cols.start / bs * ts, cols.end / bs * ts);
+        let mut bytes = Vec::with_capacity(n * (b1 - b0));
+        for r in 0..n {
+            bytes.extend_from_slice(&all[r * row_bytes + b0..r * row_bytes + b1]);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dt)?;
+        return Ok(QTensor::new(storage, (n, cols.len()))?);
+    }
+    let mut out = Vec::with_capacity(n * cols.len());
+    for r in 0..n {
+        let row = &all[r * row_bytes..(r + 1) * row_bytes];
+        let storage = QStorage::from_data(Cow::Borrowed(row), &Device::Cpu, dt)?;
+        let v = QTensor::new(storage, (1, k))?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.extend_from_slice(&v[cols.clone()]);
+    }
+    let t = Tensor::from_vec(out, (n, cols.len()), &Device::Cpu)?;
+    Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+}
+
+/// Elements `part` of a vector (norm weights, biases) as f32.
+fn load_vec(g: &GgufFile, name: &str, part: Range<usize>) -> Result<Vec<f32>, ModelError> {
+    let v = to_f32(&load(g, name)?)?.flatten_all()?.to_vec1::<f32>()?;
+    v.get(part.clone()).map(<[f32]>::to_vec).ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "{}: tensor `{name}` has {} elements, fewer than {}",
+            g.path.display(),
+            v.len(),
+            part.end
+        ))
+    })
 }
 
 /// Stacks weights along the output dimension into one matmul.
@@ -131,13 +235,13 @@ fn fuse(parts: Vec<QTensor>, q: Quantization) -> Result<QMatMul, ModelError> {
     })
 }
 
-fn bias(g: &GgufFile, names: &[String]) -> Result<Option<Vec<f32>>, ModelError> {
-    if !names.iter().all(|n| g.has_tensor(n)) {
+fn bias(g: &GgufFile, parts: &[(String, Range<usize>)]) -> Result<Option<Vec<f32>>, ModelError> {
+    if !parts.iter().all(|(n, _)| g.has_tensor(n)) {
         return Ok(None);
     }
     let mut out = Vec::new();
-    for n in names {
-        out.extend(to_f32(&load(g, n)?)?.flatten_all()?.to_vec1::<f32>()?);
+    for (n, part) in parts {
+        out.extend(load_vec(g, n, part.clone())?);
     }
     Ok(Some(out))
 }
@@ -151,7 +255,22 @@ impl LlamaModel {
         max_positions: usize,
         threads: usize,
     ) -> Result<Self, ModelError> {
+        let n_layers = LlamaConfig::from_gguf(g)?.n_layers;
+        Self::shard_from_gguf(g, q, max_positions, threads, Shard::whole(n_layers))
+    }
+
+    /// Builds one rank's shard of the model, reading only the bytes of its weights from the
+    /// (memory-mapped) file. The shard's layout must have passed
+    /// [`super::shard::Layout::check`].
+    pub fn shard_from_gguf(
+        g: &GgufFile,
+        q: Quantization,
+        max_positions: usize,
+        threads: usize,
+        shard: Shard,
+    ) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
+        // The format is chosen from the whole model's size, so every rank chooses the same.
         let f32_bytes: usize = g
             .tensors
             .iter()
@@ -159,66 +278,122 @@ impl LlamaModel {
             .map(|t| t.shape.iter().product::<usize>() * 4)
             .sum();
         let q = q.resolve(f32_bytes);
-        let embed_q = load(g, "token_embd.weight")?;
-        let embed = to_f32(&embed_q)?;
-        let lm_head = Linear::new(if g.has_tensor("output.weight") {
-            to_matmul(load(g, "output.weight")?, q)?
+        let hd = cfg.head_dim;
+        let heads = shard.part(cfg.n_heads);
+        let kv_heads = shard.part(cfg.n_kv_heads);
+        let ffn = shard.part(cfg.ffn);
+        let vocab_part = shard.part(cfg.vocab);
+        let q_rows = heads.start * hd..heads.end * hd;
+        let kv_rows = kv_heads.start * hd..kv_heads.end * hd;
+
+        let embed = if shard.first {
+            to_f32(&load_rows(g, "token_embd.weight", vocab_part.clone())?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
         } else {
-            to_matmul(embed_q, q)?
-        })?;
-        let norm = to_f32(&load(g, "output_norm.weight")?)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
+            Vec::new()
+        };
+        let (norm, lm_head) = if shard.last {
+            let head_name = if g.has_tensor("output.weight") {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            };
+            let head = load_rows(g, head_name, vocab_part.clone())?;
+            (
+                Some(to_f32(&load(g, "output_norm.weight")?)?),
+                Some(Linear::new(to_matmul(head, q)?)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mut layers = Vec::with_capacity(shard.layers.len());
+        for i in shard.layers.clone() {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let qkv_names = [n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight")];
             let qkv = Linear::new(fuse(
-                qkv_names
-                    .iter()
-                    .map(|x| load(g, x))
-                    .collect::<Result<_, _>>()?,
+                vec![
+                    load_rows(g, &n("attn_q.weight"), q_rows.clone())?,
+                    load_rows(g, &n("attn_k.weight"), kv_rows.clone())?,
+                    load_rows(g, &n("attn_v.weight"), kv_rows.clone())?,
+                ],
                 q,
             )?)?;
             let gate_up = Linear::new(fuse(
                 vec![
-                    load(g, &n("ffn_gate.weight"))?,
-                    load(g, &n("ffn_up.weight"))?,
+                    load_rows(g, &n("ffn_gate.weight"), ffn.clone())?,
+                    load_rows(g, &n("ffn_up.weight"), ffn.clone())?,
                 ],
                 q,
             )?)?;
             layers.push(Layer {
                 attn_norm: to_f32(&load(g, &n("attn_norm.weight"))?)?,
                 qkv,
-                qkv_bias: bias(g, &[n("attn_q.bias"), n("attn_k.bias"), n("attn_v.bias")])?,
-                o: Linear::new(to_matmul(load(g, &n("attn_output.weight"))?, q)?)?,
+                qkv_bias: bias(
+                    g,
+                    &[
+                        (n("attn_q.bias"), q_rows.clone()),
+                        (n("attn_k.bias"), kv_rows.clone()),
+                        (n("attn_v.bias"), kv_rows.clone()),
+                    ],
+                )?,
+                o: Linear::new(to_matmul(
+                    load_cols(g, &n("attn_output.weight"), q_rows.clone())?,
+                    q,
+                )?)?,
                 ffn_norm: to_f32(&load(g, &n("ffn_norm.weight"))?)?,
                 gate_up,
-                down: Linear::new(to_matmul(load(g, &n("ffn_down.weight"))?, q)?)?,
+                down: Linear::new(to_matmul(
+                    load_cols(g, &n("ffn_down.weight"), ffn.clone())?,
+                    q,
+                )?)?,
             });
         }
         let weight_bytes = layers
             .iter()
             .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
             .sum::<usize>()
-            + lm_head.bytes()
-            + embed.elem_count() * 4;
+            + lm_head.as_ref().map_or(0, Linear::bytes)
+            + embed.len() * 4;
         let rope = RopeTable::new(
             cfg.head_dim,
             cfg.rope_theta,
             max_positions.min(cfg.context_length).max(1),
             cfg.rope_interleaved,
         );
-        tracing::debug!(quantization = %q, "weight format chosen");
+        tracing::debug!(quantization = %q, ?shard, "weight format chosen");
         Ok(Self {
-            config: cfg,
             quantization: q,
             embed,
+            vocab_part,
             layers,
             norm,
             lm_head,
             rope,
             threads: threads.max(1),
             weight_bytes,
+            n_heads: heads.len(),
+            n_kv_heads: kv_heads.len(),
+            ffn: ffn.len(),
+            tp_group: None,
+            shard,
+            config: cfg,
         })
+    }
+
+    /// Connects a tensor-parallel shard to the other ranks of its stage (`group`: their global
+    /// ranks in tensor-rank order). Required before stepping when the stage has several ranks.
+    pub fn set_tensor_group(&mut self, comm: Arc<dyn Communicator>, group: Vec<usize>) {
+        self.tp_group = Some((comm, group));
+    }
+
+    /// Elements of one token's K (or V) in one layer on this rank: its KV heads × head size.
+    pub fn kv_slot_stride(&self) -> usize {
+        self.n_kv_heads * self.config.head_dim
+    }
+
+    /// Layers this rank runs (and keeps a KV cache for).
+    pub fn local_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Bytes held by weights (matmul weights in their run format plus the f32 embedding table).
@@ -231,13 +406,14 @@ impl LlamaModel {
         self.rope.max_positions()
     }
 
-    /// Runs one step. Returns one logits vector per input with `want_logits`, in input order.
+    /// Runs one step of the whole model. Returns one logits vector per input with
+    /// `want_logits`, in input order.
     pub fn step(
         &self,
         inputs: &[StepInput<'_>],
         kv: &mut KvStorage,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward(inputs, kv, false)
+        self.whole(self.forward(inputs, kv, false, None)?)
     }
 
     /// Runs one sequence's tokens and returns the next-token logits after every one of them
@@ -247,15 +423,29 @@ impl LlamaModel {
         input: StepInput<'_>,
         kv: &mut KvStorage,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward(&[input], kv, true)
+        self.whole(self.forward(&[input], kv, true, None)?)
     }
 
-    fn forward(
+    fn whole(&self, out: StageOutput) -> Result<Vec<Vec<f32>>, ModelError> {
+        match out {
+            StageOutput::Logits(l) => Ok(l),
+            StageOutput::Hidden(_) => Err(ModelError::Unsupported(
+                "this rank holds only a pipeline stage; run it through its group".into(),
+            )),
+        }
+    }
+
+    /// Runs this rank's stage for one step. The first stage embeds the tokens; later stages take
+    /// the previous stage's hidden states in `hidden`. The last stage returns logits (of every
+    /// row when `every_row`), the others the hidden states to pass on. Every rank of a
+    /// tensor-parallel stage must run the same inputs at the same time.
+    pub fn forward(
         &self,
         inputs: &[StepInput<'_>],
         kv: &mut KvStorage,
         every_row: bool,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        hidden: Option<Vec<f32>>,
+    ) -> Result<StageOutput, ModelError> {
         let cfg = &self.config;
         let mut ids = Vec::new();
         let mut rows = Vec::new();
@@ -293,20 +483,40 @@ impl LlamaModel {
         }
         let n = ids.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(if self.shard.last {
+                StageOutput::Logits(Vec::new())
+            } else {
+                StageOutput::Hidden(Vec::new())
+            });
         }
         let shape = HeadShape {
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
             head_dim: cfg.head_dim,
         };
-        let q_width = cfg.n_heads * cfg.head_dim;
-        let kv_width = cfg.n_kv_heads * cfg.head_dim;
+        let q_width = self.n_heads * cfg.head_dim;
+        let kv_width = self.n_kv_heads * cfg.head_dim;
         let qkv_width = q_width + 2 * kv_width;
         let eps = cfg.rms_eps as f32;
 
-        let ids_t = Tensor::from_vec(ids, n, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mut x = match hidden {
+            Some(h) if h.len() == n * cfg.hidden => {
+                Tensor::from_vec(h, (n, cfg.hidden), &Device::Cpu)?
+            }
+            Some(h) => {
+                return Err(ModelError::Unsupported(format!(
+                    "the previous stage sent {} values for {n} rows of {}",
+                    h.len(),
+                    cfg.hidden
+                )))
+            }
+            None if self.shard.first => self.embed(&ids)?,
+            None => {
+                return Err(ModelError::Unsupported(
+                    "a later pipeline stage needs the previous stage's hidden states".into(),
+                ))
+            }
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
@@ -327,21 +537,76 @@ impl LlamaModel {
             }
             let attn = paged_attention(&q, &rows, kv, li, shape, self.threads);
             let attn = Tensor::from_vec(attn, (n, q_width), &Device::Cpu)?;
-            x = (x + layer.o.forward(&attn)?)?;
+            x = (x + self.reduce(layer.o.forward(&attn)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
-            let gate = gu.narrow(1, 0, cfg.ffn)?;
-            let up = gu.narrow(1, cfg.ffn, cfg.ffn)?;
+            let gate = gu.narrow(1, 0, self.ffn)?;
+            let up = gu.narrow(1, self.ffn, self.ffn)?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&act)?)?;
+            x = (x + self.reduce(layer.down.forward(&act)?)?)?;
         }
+        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+            return Ok(StageOutput::Hidden(x.flatten_all()?.to_vec1::<f32>()?));
+        };
         if logit_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StageOutput::Logits(Vec::new()));
         }
         let idx = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &Device::Cpu)?;
         let last = x.index_select(&idx, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&last)?;
-        Ok(logits.to_vec2::<f32>()?)
+        let last = candle_nn::ops::rms_norm(&last, norm, eps)?;
+        let logits = lm_head.forward(&last)?;
+        let Some((comm, group)) = self.tensor_group() else {
+            return Ok(StageOutput::Logits(logits.to_vec2::<f32>()?));
+        };
+        // Each rank scored its slice of the vocabulary: gather the slices and lay them side by
+        // side for every row.
+        let m = logit_rows.len();
+        let gathered = comm.all_gather(group, &logits.flatten_all()?.to_vec1::<f32>()?)?;
+        let mut out = vec![Vec::with_capacity(cfg.vocab); m];
+        let mut offset = 0;
+        for t in 0..self.shard.tp {
+            let width = super::shard::split(cfg.vocab, self.shard.tp, t).len();
+            for row in out.iter_mut() {
+                row.extend_from_slice(&gathered[offset..offset + width]);
+                offset += width;
+            }
+        }
+        Ok(StageOutput::Logits(out))
+    }
+
+    fn tensor_group(&self) -> Option<(&dyn Communicator, &[usize])> {
+        self.tp_group
+            .as_ref()
+            .filter(|(_, g)| g.len() > 1)
+            .map(|(c, g)| (c.as_ref(), g.as_slice()))
+    }
+
+    /// Embedding rows of `ids`; with tensor parallelism each rank fills the rows of its
+    /// vocabulary slice and the all-reduce completes the others.
+    fn embed(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
+        let hidden = self.config.hidden;
+        let mut x = vec![0.0f32; ids.len() * hidden];
+        for (row, &id) in x.chunks_mut(hidden).zip(ids) {
+            let id = id as usize;
+            if self.vocab_part.contains(&id) {
+                let r = id - self.vocab_part.start;
+                row.copy_from_slice(&self.embed[r * hidden..(r + 1) * hidden]);
+            }
+        }
+        if let Some((comm, group)) = self.tensor_group() {
+            comm.all_reduce_sum(group, &mut x)?;
+        }
+        Ok(Tensor::from_vec(x, (ids.len(), hidden), &Device::Cpu)?)
+    }
+
+    /// Sums a row-parallel projection's partial results over the stage's tensor ranks.
+    fn reduce(&self, partial: Tensor) -> Result<Tensor, ModelError> {
+        let Some((comm, group)) = self.tensor_group() else {
+            return Ok(partial);
+        };
+        let shape = partial.shape().clone();
+        let mut v = partial.flatten_all()?.to_vec1::<f32>()?;
+        comm.all_reduce_sum(group, &mut v)?;
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 }

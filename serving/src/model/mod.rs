@@ -7,11 +7,12 @@ pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod quant;
+pub mod shard;
 
 use std::path::PathBuf;
 
 pub use config::LlamaConfig;
-pub use llama::{LlamaModel, StepInput};
+pub use llama::{LlamaModel, StageOutput, StepInput};
 pub use quant::Quantization;
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -28,6 +29,8 @@ pub enum ModelError {
     Uri { uri: String, reason: String },
     #[error(transparent)]
     Hub(#[from] hub::HubError),
+    #[error(transparent)]
+    Comm(#[from] crate::dist::CommError),
     #[error("tokenizer in {path}: {source}")]
     Tokenizer {
         path: PathBuf,
