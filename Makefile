@@ -72,6 +72,7 @@ cluster-down: ## Stop it and remove its state
 
 unit: ## Run every test of the workspace
 	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) test -p llmo-serve --features cuda --lib dist::
 
 clean: ## Remove build outputs (the model cache stays)
 	$(CARGO) clean

@@ -257,6 +257,8 @@ fn run_controller(args: llmo_operator::reconcile::RunArgs) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Colours only on a terminal, not in pod logs and files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
