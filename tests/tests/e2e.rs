@@ -334,6 +334,25 @@ fn the_whole_loop_on_a_local_cluster() {
         decisions.contains("1->2") && decisions.contains("2->1"),
         "{decisions}"
     );
+    // The decisions are Events too, and status prices the tokens with the class's price.
+    let reasons = c.get(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=ModelDeployment,involvedObject.name=smollm2",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    // (`ScaledUp`, or `BurstScaledUp` for a burst.)
+    assert!(
+        reasons.contains("ScaledUp") && reasons.contains("ScaledDown"),
+        "scaling Events: {reasons}"
+    );
+    assert!(
+        !c.md("{.status.autoscaling.tokensPerDollar}").is_empty(),
+        "tokensPerDollar missing: {}",
+        c.md("{.status.autoscaling}")
+    );
     until("one group", minutes(3), || {
         (c.plane.pods_of("smollm2").len() == 1).then_some(())
     });

@@ -19,7 +19,10 @@ use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     api::{Patch, PatchParams},
-    runtime::{reflector, watcher, WatchStreamExt},
+    runtime::{
+        events::{Event, EventType, Recorder},
+        reflector, watcher, WatchStreamExt,
+    },
     Api, Client, Resource, ResourceExt,
 };
 use serde_json::json;
@@ -32,8 +35,37 @@ use super::{
 };
 use crate::{
     api::{AutoscalingMode, AutoscalingStatus, ModelDeployment},
+    reconcile::telemetry::{DecisionLabels, Metrics},
     workload::{HTTP_PORT, LABEL_DEPLOYMENT, LABEL_RANK, LABEL_SERVING},
 };
+
+/// Event reasons of the autoscaler's decisions.
+pub mod reasons {
+    /// Replicas added for load or an SLO error.
+    pub const SCALED_UP: &str = "ScaledUp";
+    /// Replicas added at once for a burst.
+    pub const BURST: &str = "BurstScaledUp";
+    /// Replicas removed.
+    pub const SCALED_DOWN: &str = "ScaledDown";
+}
+
+/// Event reason and metric direction of a decision that changes the count.
+pub fn decision_reason(kind: DecisionKind) -> Option<(&'static str, &'static str)> {
+    match kind {
+        DecisionKind::Hold => None,
+        DecisionKind::ScaleUp => Some((reasons::SCALED_UP, "up")),
+        DecisionKind::Panic => Some((reasons::BURST, "burst")),
+        DecisionKind::ScaleDown => Some((reasons::SCALED_DOWN, "down")),
+    }
+}
+
+/// What a round reports to besides status.
+struct Outputs<'a> {
+    client: &'a Client,
+    http: &'a reqwest::Client,
+    recorder: &'a Recorder,
+    metrics: &'a Metrics,
+}
 
 /// Field manager of the autoscaler's status writes.
 pub const FIELD_MANAGER: &str = "llmo-autoscaler";
@@ -102,6 +134,7 @@ pub fn serving_pods(md: &ModelDeployment, pods: &[Arc<Pod>], now: Timestamp) -> 
 pub async fn run(
     client: Client,
     http: reqwest::Client,
+    metrics: Arc<Metrics>,
     managed_pods: &str,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -133,6 +166,13 @@ pub async fn run(
     let _ = mds.wait_until_ready().await;
     let _ = pods.wait_until_ready().await;
     info!("autoscaler started");
+    let recorder = Recorder::new(client.clone(), "llmo-autoscaler".into());
+    let out = Outputs {
+        client: &client,
+        http: &http,
+        recorder: &recorder,
+        metrics: &metrics,
+    };
 
     let start = tokio::time::Instant::now();
     let mut tracked: BTreeMap<(String, String), Tracked> = BTreeMap::new();
@@ -164,7 +204,7 @@ pub async fn run(
             }
             let interval = md.spec.autoscaling.interval.get().as_secs_f64().max(1.0);
             entry.next_due = t + interval;
-            if let Err(e) = round(&client, &http, &md, &pod_list, entry, t).await {
+            if let Err(e) = round(&out, &md, &pod_list, entry, t).await {
                 warn!(deployment = %md.name_any(), error = %e, "autoscaler round failed");
             }
         }
@@ -174,8 +214,7 @@ pub async fn run(
 }
 
 async fn round(
-    client: &Client,
-    http: &reqwest::Client,
+    out: &Outputs<'_>,
     md: &ModelDeployment,
     pods: &[Arc<Pod>],
     tracked: &mut Tracked,
@@ -188,7 +227,7 @@ async fn round(
     let ready: Vec<&ServingPod> = serving.iter().filter(|p| p.ready).collect();
     let starting_ages: Vec<f64> = serving.iter().filter(|p| !p.ready).map(|p| p.age).collect();
 
-    let scrapes = futures::future::join_all(ready.iter().map(|p| scrape(http, p))).await;
+    let scrapes = futures::future::join_all(ready.iter().map(|p| scrape(out.http, p))).await;
     for (pod, scraped) in ready.iter().zip(scrapes) {
         match scraped {
             Ok(m) => tracked.history.record(&pod.name, t, m),
@@ -241,8 +280,34 @@ async fn round(
                 "scaling decision"
             );
         }
+        if let Some((reason, direction)) = decision_reason(decision.kind) {
+            out.metrics
+                .scaling_decisions
+                .get_or_create(&DecisionLabels {
+                    namespace: md.namespace().unwrap_or_default(),
+                    deployment: md.name_any(),
+                    direction,
+                })
+                .inc();
+            let event = Event {
+                type_: EventType::Normal,
+                reason: reason.to_owned(),
+                note: Some(format!(
+                    "{} -> {} replicas: {}",
+                    decision.from, decision.to, decision.reason
+                )),
+                action: "Scale".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = out.recorder.publish(&event, &md.object_ref(&())).await {
+                warn!(deployment = %md.name_any(), error = %e, "could not record a scaling event");
+            }
+        }
         desired = decision.to;
-        record(&mut autoscaling, s, &decision, None, now);
+        // Tokens per dollar from the plan's price of one replica (the GPUClass price times its
+        // GPUs), when the class has a price.
+        let price = status.plan.as_ref().and_then(|p| p.cost_per_hour);
+        record(&mut autoscaling, s, &decision, price, now);
     }
     if let Err(e) = &signals {
         debug!(deployment = %md.name_any(), reason = e.reason, message = %e.message, "no signals");
@@ -255,7 +320,7 @@ async fn round(
     if unchanged {
         return Ok(());
     }
-    write(client, md, desired, &autoscaling).await
+    write(out.client, md, desired, &autoscaling).await
 }
 
 async fn scrape(http: &reqwest::Client, pod: &ServingPod) -> Result<super::PodMetrics, String> {

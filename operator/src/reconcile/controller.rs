@@ -414,6 +414,7 @@ async fn run_inner(
     let autoscaler = tokio::spawn(crate::autoscale::runner::run(
         client.clone(),
         ctx.http.clone(),
+        ctx.metrics.clone(),
         MANAGED,
         async move {
             let _ = autoscaler_stop.await;

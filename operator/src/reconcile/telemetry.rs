@@ -60,6 +60,17 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// Labels of `llmo_operator_scaling_decisions`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Namespace of the deployment.
+    pub namespace: String,
+    /// Name of the deployment.
+    pub deployment: String,
+    /// `up`, `burst` or `down`.
+    pub direction: &'static str,
+}
+
 /// Labels of `llmo_operator_deployment_replicas`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplicaLabels {
@@ -88,6 +99,8 @@ pub struct Metrics {
     pub groups: Family<StateLabel, Gauge>,
     /// Desired and ready replicas per deployment.
     pub replicas: Family<ReplicaLabels, Gauge>,
+    /// The autoscaler's replica changes per deployment, by direction.
+    pub scaling_decisions: Family<DecisionLabels, Counter>,
     /// 1 while this replica leads.
     pub leader: Gauge,
     /// Group states per deployment, summed into `groups` on every change.
@@ -134,6 +147,12 @@ impl Metrics {
             "Desired and ready replicas of each ModelDeployment",
             replicas.clone(),
         );
+        let scaling_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "scaling_decisions",
+            "Replica changes the SLO autoscaler decided, per deployment and direction",
+            scaling_decisions.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -147,6 +166,7 @@ impl Metrics {
             api_requests,
             groups,
             replicas,
+            scaling_decisions,
             leader,
             per_deployment: Mutex::new(BTreeMap::new()),
         }
@@ -185,6 +205,13 @@ impl Metrics {
                 namespace: namespace.to_owned(),
                 deployment: deployment.to_owned(),
                 kind,
+            });
+        }
+        for direction in ["up", "burst", "down"] {
+            self.scaling_decisions.remove(&DecisionLabels {
+                namespace: namespace.to_owned(),
+                deployment: deployment.to_owned(),
+                direction,
             });
         }
     }
