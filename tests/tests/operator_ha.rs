@@ -288,6 +288,28 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
         ],
         |t| t.trim().is_empty(),
     );
+    // ... and its series leave the operator's metrics.
+    assert!(
+        body.contains("deployment=\"smollm2\""),
+        "no per-deployment series before the delete: {body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<String> = http_get(&metrics, "/metrics")
+            .lines()
+            .filter(|l| l.contains("deployment=\"smollm2\""))
+            .map(str::to_owned)
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after the delete the operator still exports:\n{}",
+            left.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     plane.helm(&["uninstall", "llmo", "--namespace", NS]);
     let crds = plane.ok(&["get", "crd", "-o", "name"]);
     assert!(crds.contains("modeldeployments.llmo.dev"), "{crds}");

@@ -13,7 +13,11 @@
 //! Pods and deployments come from watches (reflector stores), so a round costs the API server
 //! nothing unless the outcome changed; scrapes go straight to the pods.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
@@ -186,10 +190,14 @@ pub async fn run(
         }
         let t = start.elapsed().as_secs_f64();
         let all = mds.state();
-        tracked.retain(|(ns, name), _| {
-            all.iter()
-                .any(|m| m.namespace().as_deref() == Some(ns) && &m.name_any() == name)
-        });
+        let existing: BTreeSet<(String, String)> = all
+            .iter()
+            .map(|m| (m.namespace().unwrap_or_default(), m.name_any()))
+            .collect();
+        tracked.retain(|key, _| existing.contains(key));
+        // The reconciler is not called for a deployment that is gone; its series end here
+        // (checked every tick, so a reconcile that finished after the delete is undone too).
+        metrics.retain_deployments(&existing);
         let pod_list = pods.state();
         for md in all {
             if md.spec.autoscaling.mode != AutoscalingMode::Slo

@@ -197,6 +197,21 @@ impl Metrics {
         }
     }
 
+    /// Forgets every deployment not in `existing` (namespace, name): their series end.
+    pub fn retain_deployments(&self, existing: &std::collections::BTreeSet<(String, String)>) {
+        let gone: Vec<(String, String)> = self
+            .per_deployment
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .filter(|k| !existing.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.forget_deployment(&ns, &name);
+        }
+    }
+
     /// Forgets a deleted deployment.
     pub fn forget_deployment(&self, namespace: &str, deployment: &str) {
         self.set_groups((namespace.to_owned(), deployment.to_owned()), None);
@@ -419,6 +434,18 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("llmo_operator_deployment_replicas{namespace=\"b\",deployment=\"y\",kind=\"desired\"} 1"), "{text}");
         assert!(!text.contains("deployment=\"x\""), "{text}");
+        // Keeping only what exists drops the rest, decisions included.
+        m.scaling_decisions
+            .get_or_create(&DecisionLabels {
+                namespace: "b".into(),
+                deployment: "y".into(),
+                direction: "up",
+            })
+            .inc();
+        m.retain_deployments(&[("b".to_owned(), "z".to_owned())].into_iter().collect());
+        assert_eq!(ready(&m), 0);
+        let text = m.encode();
+        assert!(!text.contains("deployment=\"y\""), "{text}");
     }
 
     #[test]
