@@ -93,6 +93,19 @@ pub struct ServingPod {
     pub ready: bool,
     /// Seconds since it was created.
     pub age: f64,
+    /// Seconds from creation to its last turn to Ready, for a ready pod: how long this
+    /// deployment's replicas take to start (scheduling, download, load).
+    pub startup: Option<f64>,
+}
+
+/// The start-up time the policy plans with: the median over the ready pods that report one.
+pub fn measured_startup(pods: &[ServingPod]) -> Option<f64> {
+    let mut v: Vec<f64> = pods.iter().filter_map(|p| p.startup).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 /// The rank-0 pods of `md` that take traffic (draining groups excluded). Pure.
@@ -114,21 +127,27 @@ pub fn serving_pods(md: &ModelDeployment, pods: &[Arc<Pod>], now: Timestamp) -> 
             if phase == "Failed" || phase == "Succeeded" {
                 return None;
             }
-            let ready = phase == "Running"
-                && status
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let age = p
-                .metadata
-                .creation_timestamp
-                .as_ref()
+            let ready_condition = status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = phase == "Running" && ready_condition.is_some();
+            let created = p.metadata.creation_timestamp.as_ref();
+            let age = created
                 .map(|t| now.duration_since(t.0).as_secs_f64().max(0.0))
                 .unwrap_or(0.0);
+            let startup = ready
+                .then(|| {
+                    let since = ready_condition?.last_transition_time.as_ref()?;
+                    Some(since.0.duration_since(created?.0).as_secs_f64())
+                })
+                .flatten()
+                .filter(|s| *s >= 0.0);
             Some(ServingPod {
                 name: p.name_any(),
                 ip: status.and_then(|s| s.pod_ip.clone()),
                 ready,
                 age,
+                startup,
             })
         })
         .collect()
@@ -263,7 +282,7 @@ async fn round(
             ready: u32::try_from(ready.len()).unwrap_or(u32::MAX),
             starting_ages: &starting_ages,
             current,
-            startup_time: None,
+            startup_time: measured_startup(&serving),
         };
         let (decision, next) = decide(&cfg, &tracked.state, &obs);
         tracked.state = next;
@@ -381,6 +400,7 @@ mod tests {
         ready: bool,
         created: Timestamp,
     ) -> Arc<Pod> {
+        let ready_at = created + k8s_openapi::jiff::SignedDuration::from_secs(12);
         Arc::new(
             serde_json::from_value(json!({
                 "metadata": {
@@ -390,7 +410,11 @@ mod tests {
                 "status": {
                     "phase": phase,
                     "podIP": "10.0.0.1",
-                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}],
+                    "conditions": [{
+                        "type": "Ready",
+                        "status": if ready {"True"} else {"False"},
+                        "lastTransitionTime": ready_at.to_string(),
+                    }],
                 },
             }))
             .unwrap(),
@@ -420,5 +444,10 @@ mod tests {
         let names: Vec<(&str, bool)> = got.iter().map(|p| (p.name.as_str(), p.ready)).collect();
         assert_eq!(names, [("a", true), ("e", false)]);
         assert!((got[1].age - 30.0).abs() < 1.0);
+        // Ready 12 s after creation: the measured start-up; a pod still starting has none.
+        assert_eq!(got[0].startup, Some(12.0));
+        assert_eq!(got[1].startup, None);
+        assert_eq!(measured_startup(&got), Some(12.0));
+        assert_eq!(measured_startup(&got[1..]), None);
     }
 }
