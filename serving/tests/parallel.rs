@@ -484,7 +484,7 @@ fn processes_on_loopback_serve_the_single_process_text_and_fail_together() {
             }
         } else {
             // A clean stop of rank 0 stops the others cleanly.
-            unsafe_sigterm(&procs[0].child);
+            sigterm(&procs[0].child);
             for (i, p) in procs.iter_mut().enumerate() {
                 let status = wait_exit(p, Duration::from_secs(20)).unwrap_or_else(|| {
                     panic!("process {i} still runs 20 s after SIGTERM to rank 0")
@@ -499,7 +499,7 @@ fn processes_on_loopback_serve_the_single_process_text_and_fail_together() {
     }
 }
 
-fn unsafe_sigterm(child: &Child) {
+fn sigterm(child: &Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
