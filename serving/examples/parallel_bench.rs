@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use llmo_serve::dist::{join_tcp, Communicator};
 use llmo_serve::engine::group::{follow, Leader};
+use llmo_serve::engine::sampling::argmax;
 use llmo_serve::kv::KvStorage;
 use llmo_serve::model::gguf::GgufFile;
 use llmo_serve::model::shard::Layout;
@@ -121,19 +122,6 @@ fn decode_step_time(r: &mut Runner, batch: usize, vocab: usize) -> f64 {
         next = logits.iter().map(|l| [argmax(l)]).collect();
     }
     t.elapsed().as_secs_f64() / STEPS as f64
-}
-
-fn argmax(l: &[f32]) -> u32 {
-    l.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0 as u32
 }
 
 fn main() {

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use llmo_serve::engine::{EngineConfig, EngineHandle, Event, SamplingParams};
+use llmo_serve::engine::{EngineConfig, EngineHandle};
 use llmo_serve::metrics::Metrics;
 use llmo_serve::model::{load_gguf, Quantization};
 use llmo_serve::tokenizer::ChatMessage;
@@ -27,24 +27,6 @@ fn engine(q: Quantization) -> EngineHandle {
     .expect("start engine")
 }
 
-async fn generate(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> String {
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ..Default::default()
-    };
-    let mut rx = e.submit("t".into(), prompt, params).unwrap();
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Delta(d) => text.push_str(&d),
-            Event::Done { .. } => return text,
-            Event::Error(err) => panic!("engine error: {err}"),
-        }
-    }
-    panic!("engine dropped the request")
-}
-
 #[tokio::test]
 async fn greedy_chat_answers_paris() {
     let e = engine(Quantization::Auto);
@@ -59,7 +41,7 @@ async fn greedy_chat_answers_paris() {
     assert!(text.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>"));
     let prompt = tk.encode(&text);
     assert_eq!(prompt[0], 1, "chat prompt starts with <|im_start|>");
-    let answer = generate(&e, prompt, 24).await;
+    let answer = common::generate(&e, prompt, 24).await;
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }
 
@@ -68,6 +50,6 @@ async fn greedy_completion_matches_reference_start() {
     let e = engine(Quantization::Auto);
     let prompt = e.tokenizer.encode("Once upon a time");
     assert_eq!(e.tokenizer.decode(&prompt), "Once upon a time");
-    let text = generate(&e, prompt, 8).await;
+    let text = common::generate(&e, prompt, 8).await;
     assert!(text.starts_with(", the city of"), "continuation: {text:?}");
 }

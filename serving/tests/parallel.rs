@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{free_port, http};
 use llmo_serve::dist::{local_group, Communicator};
 use llmo_serve::engine::group::{follow, Executor, Leader};
-use llmo_serve::engine::{EngineConfig, EngineHandle, Event, SamplingParams};
+use llmo_serve::engine::sampling::argmax;
+use llmo_serve::engine::{EngineConfig, EngineHandle};
 use llmo_serve::kv::KvStorage;
 use llmo_serve::metrics::Metrics;
 use llmo_serve::model::gguf::GgufFile;
@@ -87,16 +88,6 @@ fn prompt_tokens(tk: &Tokenizer) -> Vec<u32> {
     t
 }
 
-fn perplexity(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
-    let mut nll = 0.0;
-    for (l, &next) in logits.iter().zip(&tokens[1..]) {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        nll += lse - l[next as usize] as f64;
-    }
-    (nll / (tokens.len() - 1) as f64).exp()
-}
-
 #[test]
 fn every_layout_gives_the_single_process_logits() {
     llmo_serve::set_compute_threads(1);
@@ -150,7 +141,10 @@ fn compare_logits(q: Quantization, tol: Tolerance) {
             .zip(&reference)
             .filter(|(a, b)| argmax(a) == argmax(b))
             .count();
-        let (p_ref, p_got) = (perplexity(&reference, &tokens), perplexity(&got, &tokens));
+        let (p_ref, p_got) = (
+            common::perplexity_of(&reference, &tokens),
+            common::perplexity_of(&got, &tokens),
+        );
         eprintln!("{layout:?} {q}: largest logit difference {worst:.2e}, mean {mean:.2e} (largest logit {scale:.1}); same argmax at {agree}/{} positions; perplexity {p_got:.4} vs {p_ref:.4}", got.len());
         let exact = layout.tp == 1;
         assert!(
@@ -171,19 +165,6 @@ fn compare_logits(q: Quantization, tol: Tolerance) {
     }
 }
 
-fn argmax(l: &[f32]) -> usize {
-    l.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
 fn engine_config() -> EngineConfig {
     EngineConfig {
         block_size: 16,
@@ -193,24 +174,6 @@ fn engine_config() -> EngineConfig {
         max_waiting: 64,
         context_length: 1024,
     }
-}
-
-async fn generate(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> String {
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ..Default::default()
-    };
-    let mut rx = e.submit("t".into(), prompt, params).unwrap();
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Delta(d) => text.push_str(&d),
-            Event::Done { .. } => return text,
-            Event::Error(err) => panic!("engine error: {err}"),
-        }
-    }
-    panic!("engine dropped the request")
 }
 
 /// Several prompts at once, so pipeline layouts run more than one micro-batch per step.
@@ -230,7 +193,7 @@ async fn answers(e: &EngineHandle) -> Vec<String> {
                 content: (*q).into(),
             }])
             .unwrap();
-        generate(e, tk.encode(&text), 24)
+        common::generate(e, tk.encode(&text), 24)
     });
     futures::future::join_all(futs).await
 }
@@ -312,14 +275,6 @@ fn tensor_shards_hold_a_tp_share_of_the_weights() {
 
 // ---- across processes ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Proc {
     child: Child,
     log: std::path::PathBuf,
@@ -368,28 +323,6 @@ fn spawn_group(
         procs,
         http.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
     )
-}
-
-fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
 }
 
 fn wait_ready(addr: &str, procs: &mut [Proc]) {

@@ -34,13 +34,7 @@ pub fn perplexity(m: &LoadedModel) -> f64 {
             &mut kv,
         )
         .unwrap();
-    let mut nll = 0.0;
-    for (i, l) in logits.iter().enumerate().take(tokens.len() - 1) {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        nll += lse - l[tokens[i + 1] as usize] as f64;
-    }
-    (nll / (tokens.len() - 1) as f64).exp()
+    common::perplexity_of(&logits, tokens)
 }
 
 #[test]

@@ -42,7 +42,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -96,12 +97,10 @@ impl Server {
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let client = raw_http::Client;
+        let addr = self.base.trim_start_matches("http://");
         loop {
-            if let Ok(r) = client.get(format!("{}/ready", self.base)).send() {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok((200, _)) = http(addr, "GET", "/ready", "") {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -113,39 +112,62 @@ impl Server {
     }
 }
 
-/// A tiny blocking GET, used only while waiting for readiness (before any async runtime).
-pub mod raw_http {
-    pub struct Client;
-    pub struct Req(String);
-    pub struct Resp(u16);
-    impl Client {
-        pub fn get(&self, url: String) -> Req {
-            Req(url)
+/// One blocking HTTP/1.1 request with a JSON body to `addr` (HOST:PORT), connection closed
+/// after: the status code and the body. For use outside an async runtime.
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Greedy text of `prompt` from the engine, at most `max_tokens` tokens.
+pub async fn generate(
+    e: &llmo_serve::engine::EngineHandle,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> String {
+    use llmo_serve::engine::{Event, SamplingParams};
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..Default::default()
+    };
+    let mut rx = e.submit("t".into(), prompt, params).unwrap();
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Delta(d) => text.push_str(&d),
+            Event::Done { .. } => return text,
+            Event::Error(err) => panic!("engine error: {err}"),
         }
     }
-    impl Req {
-        pub fn send(self) -> std::io::Result<Resp> {
-            use std::io::{Read, Write};
-            let rest = self.0.trim_start_matches("http://");
-            let (host, path) = rest.split_once('/').unwrap();
-            let mut s = std::net::TcpStream::connect(host)?;
-            write!(
-                s,
-                "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf)?;
-            let code = buf
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            Ok(Resp(code))
-        }
+    panic!("engine dropped the request")
+}
+
+/// Perplexity of `tokens` given `logits[i]`, the next-token logits after token `i`.
+pub fn perplexity_of(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
+    let mut nll = 0.0;
+    for (l, &next) in logits.iter().zip(&tokens[1..]) {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        nll += lse - l[next as usize] as f64;
     }
-    impl Resp {
-        pub fn status(&self) -> u16 {
-            self.0
-        }
-    }
+    (nll / (tokens.len() - 1) as f64).exp()
 }
