@@ -3,14 +3,13 @@
 //! stopped when the guard is dropped, also when a test fails.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
-use crate::{repo_root, workspace_binary};
+use crate::{net::free_port, repo_root, workspace_binary};
 
 /// A child process killed (and reaped) when the guard is dropped, also when a test fails.
 #[derive(Debug)]
@@ -30,13 +29,6 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     api_port: u16,
     etcd_port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 impl ControlPlane {

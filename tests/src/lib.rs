@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod helm;
 pub mod kubelet;
+pub mod net;
 pub mod pods;
 pub mod server_side;
 

@@ -7,7 +7,6 @@
 //! delete -> nothing left. Every process and file goes when the test ends, passed or failed.
 
 use std::{
-    net::TcpListener,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -15,6 +14,7 @@ use std::{
 
 use llmo_e2e::{
     cluster::{ControlPlane, KillOnDrop},
+    net::free_port,
     repo_root, workspace_binary,
 };
 
@@ -35,13 +35,6 @@ fn model_path() -> PathBuf {
         .expect("fetch-model.sh runs");
     assert!(out.status.success(), "scripts/fetch-model.sh failed");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Polls `f` every 500 ms until it returns Some, for at most `limit`, printing what it waits for.

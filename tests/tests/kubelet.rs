@@ -3,8 +3,6 @@
 //! Services through the proxy, ServiceAccount credentials, and no process outliving the kubelet.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -174,30 +172,7 @@ fn pids_with(needle: &str) -> Vec<i32> {
 
 /// `GET path` on `addr`: status code and body.
 fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP response: {response:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line: {head}"))?;
-    Ok((code, body.to_owned()))
+    llmo_e2e::net::http(addr, "GET", path, "", Duration::from_secs(3))
 }
 
 fn body(addr: &str, path: &str) -> String {

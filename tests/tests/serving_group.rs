@@ -4,12 +4,11 @@
 //! resolved to loopback ports, as DNS would). The group must serve the single process's greedy
 //! answer, and a lost stage must stop the other.
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use llmo_e2e::workspace_binary;
+use llmo_e2e::{net::free_port, workspace_binary};
 use llmo_operator::{
     api::{parse_manifests, DeviceKind, GPUClass, Manifest, ModelDeployment, RankPlacement},
     plan::{plan_layout, Hardware, ModelArch},
@@ -93,14 +92,6 @@ fn group_pods(md: &ModelDeployment) -> Vec<Pod> {
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Proc {
     child: Child,
     log: std::path::PathBuf,
@@ -175,26 +166,8 @@ fn start(pods: &[Pod], dir: &std::path::Path) -> (Vec<Proc>, String) {
     (procs, format!("127.0.0.1:{}", http[0]))
 }
 
-fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+    llmo_e2e::net::http(addr, method, path, body, Duration::from_secs(120))
 }
 
 fn logs(procs: &[Proc]) -> String {
