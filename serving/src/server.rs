@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{available_memory, Args, DeviceArg};
-use crate::dist::{join_tcp_with_listener, local_group, CommError, Communicator, Tag};
+use crate::dist::{join_tcp_on, local_group, CommError, Communicator, Tag};
 use crate::engine::group::{follow, Executor, Leader};
 use crate::engine::{EngineConfig, EngineError, EngineHandle};
 use crate::http::{router, AppState};
@@ -207,18 +207,8 @@ pub fn start_group(
         tracing::info!(peers = ?args.peers, process = place.process, ranks = ?place.ranks(), "joining the group");
         // Listen where HTTP listens (all interfaces by default), on the port of this
         // process's own --peers entry.
-        let own = &args.peers[place.process];
-        let port = own
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .ok_or_else(|| ServeError::Config(format!("--peers entry {own} is not HOST:PORT")))?;
-        let bind = format!("{}:{port}", args.host);
-        let listener = std::net::TcpListener::bind(&bind).map_err(|source| ServeError::Bind {
-            addr: bind.clone(),
-            source,
-        })?;
-        join_tcp_with_listener(
-            listener,
+        join_tcp_on(
+            &args.host,
             &args.peers,
             place.process,
             layout.world(),

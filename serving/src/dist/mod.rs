@@ -67,7 +67,7 @@ use std::time::Duration;
 pub use local::LocalComm;
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclComm, NCCL_UNIQUE_ID_BYTES};
-pub use tcp::{join_tcp, join_tcp_with_listener, TcpComm, MAX_FRAME_BYTES};
+pub use tcp::{join_tcp, join_tcp_on, join_tcp_with_listener, TcpComm, MAX_FRAME_BYTES};
 
 /// What a message is for; each (source rank, tag) pair is its own FIFO queue at the receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -253,16 +253,33 @@ pub fn join_tcp(
     world: usize,
     timeout: Duration,
 ) -> Result<Vec<Arc<dyn Communicator>>, CommError> {
+    let all = if peers.get(process).is_some_and(|p| p.starts_with('[')) {
+        "::"
+    } else {
+        "0.0.0.0"
+    };
+    join_tcp_on(all, peers, process, world, timeout)
+}
+
+/// Like [`join_tcp`], listening on `host` (an address of this machine, or `0.0.0.0`/`::` for
+/// all) rather than on all interfaces.
+pub fn join_tcp_on(
+    host: &str,
+    peers: &[String],
+    process: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Vec<Arc<dyn Communicator>>, CommError> {
     let layout = Layout::new(peers, process, world)?;
     if layout.processes() == 1 {
         return Ok(local_group(world));
     }
     let own = &layout.peers[process];
     let port = parse_port(own).unwrap_or_default();
-    let bind = if own.starts_with('[') {
-        format!("[::]:{port}")
+    let bind = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
     } else {
-        format!("0.0.0.0:{port}")
+        format!("{host}:{port}")
     };
     let listener = TcpListener::bind(&bind).map_err(|source| CommError::Io {
         context: format!("listening on {bind} (the port of this process's --peers entry {own})"),
