@@ -154,7 +154,13 @@ impl Worker {
     fn fail_everything(&mut self, reason: &str) {
         let mut all = self.sched.remove_running(|_| true);
         all.extend(self.sched.remove_waiting(|_| true));
-        for s in all {
+        self.fail(all, reason);
+        self.update_gauges();
+    }
+
+    /// Ends removed sequences with an error event that gives `reason`.
+    fn fail(&self, seqs: Vec<Sequence<SeqState>>, reason: &str) {
+        for s in seqs {
             let _ = s
                 .data
                 .req
@@ -163,7 +169,6 @@ impl Worker {
             self.metrics.count_request(outcome::ERROR);
             self.release(&s.data);
         }
-        self.update_gauges();
     }
 
     /// Frees sequences whose client went away.
@@ -222,15 +227,8 @@ impl Worker {
                     .iter()
                     .map(|p| self.sched.running[p.index].id)
                     .collect();
-                for s in self.sched.remove_running(|s| ids.contains(&s.id)) {
-                    let _ = s
-                        .data
-                        .req
-                        .events
-                        .send(Event::Error(format!("inference failed: {e}")));
-                    self.metrics.count_request(outcome::ERROR);
-                    self.release(&s.data);
-                }
+                let failed = self.sched.remove_running(|s| ids.contains(&s.id));
+                self.fail(failed, &e.to_string());
                 return true;
             }
         };
