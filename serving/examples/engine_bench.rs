@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use llmo_serve::engine::{EngineConfig, EngineHandle, Event, SamplingParams};
 use llmo_serve::metrics::Metrics;
-use llmo_serve::model::{load_gguf, Quantization};
+use llmo_serve::model::{load, Quantization};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -28,7 +28,7 @@ async fn main() {
     };
     llmo_serve::set_compute_threads(threads);
     let t0 = Instant::now();
-    let loaded = load_gguf(std::path::Path::new(path), q, 4096, threads).unwrap();
+    let loaded = load(std::path::Path::new(path), q, 4096, threads).unwrap();
     println!(
         "loaded {} ({q}) in {:.2}s, weights {} MiB",
         path,

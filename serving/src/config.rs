@@ -20,7 +20,9 @@ pub enum DeviceArg {
     about = "OpenAI-compatible LLM server with continuous batching and a paged KV cache"
 )]
 pub struct Args {
-    /// Model to serve: a .gguf path, file:///path.gguf, or hf://org/repo[@revision][/file.gguf].
+    /// Model to serve: a .gguf file or a Hugging Face checkpoint directory (config.json,
+    /// *.safetensors, tokenizer.json), as a path or file:///path, or hf://org/repo[@revision][/file]
+    /// (the repository's GGUF file when it has one, else its safetensors checkpoint).
     #[arg(long, env = "LLMO_MODEL")]
     pub model: String,
     /// Name clients use in the `model` field (default: the file name without extension).

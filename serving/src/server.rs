@@ -11,9 +11,8 @@ use crate::engine::{EngineConfig, EngineError, EngineHandle};
 use crate::http::{router, AppState};
 use crate::kv::KvStorage;
 use crate::metrics::Metrics;
-use crate::model::gguf::GgufFile;
 use crate::model::shard::Layout;
-use crate::model::{load_gguf, resolve, LlamaConfig, LlamaModel, LoadedModel, ModelError};
+use crate::model::{load, resolve, LlamaConfig, LlamaModel, LoadedModel, ModelError};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +165,7 @@ pub fn start_engine(
 ) -> Result<EngineHandle, ServeError> {
     let t0 = Instant::now();
     let max_pos = args.context_length.unwrap_or(usize::MAX);
-    let loaded = load_gguf(path, args.quantization, max_pos, args.threads())?;
+    let loaded = load(path, args.quantization, max_pos, args.threads())?;
     let ec = engine_config(args, &loaded)?;
     tracing::info!(
         path = %path.display(),
@@ -196,7 +195,7 @@ pub fn start_group(
 ) -> Result<Option<EngineHandle>, ServeError> {
     let t0 = Instant::now();
     let layout = place.layout;
-    let g = Arc::new(GgufFile::open(path).map_err(ModelError::from)?);
+    let g = Arc::new(crate::model::open(path)?);
     let cfg = LlamaConfig::from_gguf(&g)?;
     layout
         .check(&cfg)
@@ -407,7 +406,7 @@ pub async fn run(args: Args) -> Result<(), ServeError> {
 }
 
 /// The served name when `--served-name` is not given: the model file's name without `.gguf`,
-/// or the repository name for `hf://org/repo`.
+/// the checkpoint directory's name, or the repository name for `hf://org/repo`.
 pub fn default_served_name(uri: &str) -> String {
     let last = uri.trim_end_matches('/').rsplit('/').next().unwrap_or(uri);
     let last = last.split('@').next().unwrap_or(last);
@@ -449,6 +448,10 @@ mod tests {
         assert_eq!(default_served_name("/m/SmolLM2.Q4_1.gguf"), "SmolLM2.Q4_1");
         assert_eq!(default_served_name("file:///m/x.gguf"), "x");
         assert_eq!(default_served_name("hf://org/repo@v1"), "repo");
+        assert_eq!(
+            default_served_name("/models/SmolLM2-135M-Instruct/"),
+            "SmolLM2-135M-Instruct"
+        );
         assert_eq!(default_served_name("hf://org/repo/sub/f.gguf"), "f");
     }
 }

@@ -113,7 +113,7 @@ async fn interrupted_download_resumes_with_range() {
     let spec = HubSpec::parse("org/repo@v2/sub/m.gguf").unwrap();
     let dir = cache.path().join("hub/org--repo/v2/sub");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("m.partial"), &h.file[..400_000]).unwrap();
+    std::fs::write(dir.join("m.gguf.partial"), &h.file[..400_000]).unwrap();
     let p = download(&spec, &endpoint, cache.path()).await.unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), h.file);
     assert_eq!(
@@ -132,7 +132,10 @@ async fn checksum_mismatch_is_an_error_and_leaves_nothing() {
     let err = download(&spec, &endpoint, cache.path()).await.unwrap_err();
     assert!(matches!(err, HubError::Checksum { .. }), "{err}");
     assert!(!cache.path().join("hub/org--repo/main/m.gguf").exists());
-    assert!(!cache.path().join("hub/org--repo/main/m.partial").exists());
+    assert!(!cache
+        .path()
+        .join("hub/org--repo/main/m.gguf.partial")
+        .exists());
 }
 
 #[tokio::test]
@@ -145,4 +148,196 @@ async fn missing_file_names_the_url_and_status() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("404") && err.contains("config.json"), "{err}");
+}
+
+/// A Hub that serves a directory: the listing is its files, each file with its sha256.
+struct DirHub {
+    root: std::path::PathBuf,
+    bytes_served: AtomicU64,
+    fetched: std::sync::Mutex<Vec<String>>,
+}
+
+fn files_under(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn dir_listing(State(hub): State<Arc<DirHub>>) -> Json<serde_json::Value> {
+    let siblings: Vec<_> = files_under(&hub.root)
+        .into_iter()
+        .map(|f| serde_json::json!({ "rfilename": f }))
+        .collect();
+    Json(serde_json::json!({ "siblings": siblings }))
+}
+
+async fn dir_resolve(
+    State(hub): State<Arc<DirHub>>,
+    Path((_o, _r, _rev, file)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Ok(bytes) = std::fs::read(hub.root.join(&file)) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    hub.fetched.lock().unwrap().push(file);
+    let start: usize = headers
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.trim_end_matches('-').parse().ok())
+        .unwrap_or(0);
+    let body = bytes[start..].to_vec();
+    hub.bytes_served
+        .fetch_add(body.len() as u64, Ordering::SeqCst);
+    let status = if start > 0 {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let sha = format!("{:x}", Sha256::digest(&bytes));
+    (status, [("x-linked-etag", format!("\"{sha}\""))], body).into_response()
+}
+
+async fn serve_dir(hub: Arc<DirHub>) -> String {
+    let app = Router::new()
+        .route("/api/models/{org}/{repo}/revision/{rev}", get(dir_listing))
+        .route("/{org}/{repo}/resolve/{rev}/{*file}", get(dir_resolve))
+        .with_state(hub);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn checkpoint_repository_downloads_as_a_directory_following_the_index() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path();
+    let noise = |n: usize, seed: u32| -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 11) as u8)
+            .collect()
+    };
+    std::fs::write(r.join("config.json"), r#"{"model_type":"llama"}"#).unwrap();
+    std::fs::write(r.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(r.join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(r.join("README.md"), "# model").unwrap();
+    std::fs::write(
+        r.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        r.join("model-00001-of-00002.safetensors"),
+        noise(300_000, 1),
+    )
+    .unwrap();
+    std::fs::write(
+        r.join("model-00002-of-00002.safetensors"),
+        noise(200_000, 2),
+    )
+    .unwrap();
+    // Not named by the index: a second copy of the weights in another layout.
+    std::fs::write(r.join("consolidated.safetensors"), noise(500_000, 3)).unwrap();
+    std::fs::create_dir(r.join("original")).unwrap();
+    std::fs::write(r.join("original/params.json"), "{}").unwrap();
+
+    let hub = Arc::new(DirHub {
+        root: r.to_path_buf(),
+        bytes_served: AtomicU64::new(0),
+        fetched: Default::default(),
+    });
+    let endpoint = serve_dir(hub.clone()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let spec = HubSpec::parse("org/model@v1").unwrap();
+    let dest = cache.path().join("hub/org--model/v1");
+    // An earlier download was cut short in the middle of the first shard.
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(
+        dest.join("model-00001-of-00002.safetensors.partial"),
+        &noise(300_000, 1)[..100_000],
+    )
+    .unwrap();
+
+    let got = download(&spec, &endpoint, cache.path()).await.unwrap();
+    assert_eq!(got, dest);
+    let mut fetched = hub.fetched.lock().unwrap().clone();
+    fetched.sort();
+    assert_eq!(
+        fetched,
+        [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    for f in &fetched {
+        assert_eq!(
+            std::fs::read(got.join(f)).unwrap(),
+            std::fs::read(r.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let index_len = std::fs::metadata(r.join("model.safetensors.index.json"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        hub.bytes_served.load(Ordering::SeqCst),
+        200_000 + 200_000 + index_len + 22 + 2 + 2,
+        "the partial shard resumes; nothing else is fetched twice"
+    );
+    assert!(!got.join("consolidated.safetensors").exists());
+    assert!(!got
+        .join("model-00001-of-00002.safetensors.partial")
+        .exists());
+
+    // From the cache: only the listing is asked for.
+    hub.fetched.lock().unwrap().clear();
+    assert_eq!(
+        download(&spec, &endpoint, cache.path()).await.unwrap(),
+        dest
+    );
+    assert!(hub.fetched.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn repository_without_a_model_says_what_it_lacks() {
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(repo.path().join("README.md"), "# nothing").unwrap();
+    std::fs::write(repo.path().join("config.json"), "{}").unwrap();
+    let hub = Arc::new(DirHub {
+        root: repo.path().to_path_buf(),
+        bytes_served: AtomicU64::new(0),
+        fetched: Default::default(),
+    });
+    let endpoint = serve_dir(hub).await;
+    let cache = tempfile::tempdir().unwrap();
+    let err = download(
+        &HubSpec::parse("org/empty").unwrap(),
+        &endpoint,
+        cache.path(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HubError::NoModel { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("neither a .gguf file nor a Hugging Face checkpoint"),
+        "{err}"
+    );
 }

@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use llmo_serve::engine::{EngineConfig, EngineHandle};
 use llmo_serve::metrics::Metrics;
-use llmo_serve::model::{load_gguf, Quantization};
+use llmo_serve::model::{load, Quantization};
 use llmo_serve::tokenizer::ChatMessage;
 
 fn engine(q: Quantization) -> EngineHandle {
     llmo_serve::set_compute_threads(1);
-    let loaded = load_gguf(&common::model_path(), q, 2048, 1).expect("load model");
+    let loaded = load(&common::model_path(), q, 2048, 1).expect("load model");
     EngineHandle::start(
         loaded,
         EngineConfig {

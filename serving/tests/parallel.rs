@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, http};
-use llmo_serve::dist::{local_group, Communicator};
-use llmo_serve::engine::group::{follow, Executor, Leader};
+use llmo_serve::engine::group::Executor;
 use llmo_serve::engine::sampling::argmax;
 use llmo_serve::engine::{EngineConfig, EngineHandle};
 use llmo_serve::kv::KvStorage;
 use llmo_serve::metrics::Metrics;
 use llmo_serve::model::gguf::GgufFile;
 use llmo_serve::model::shard::{Layout, Shard};
-use llmo_serve::model::{LlamaModel, Quantization, StepInput};
+use llmo_serve::model::{Quantization, StepInput};
 use llmo_serve::tokenizer::{ChatMessage, Tokenizer};
 
 /// How close a layout's logits must be to the single process's.
@@ -57,37 +56,6 @@ fn gguf() -> Arc<GgufFile> {
     Arc::new(GgufFile::open(&common::model_path()).expect("open model"))
 }
 
-fn shard(g: &GgufFile, q: Quantization, layout: Layout, rank: usize) -> LlamaModel {
-    let cfg = llmo_serve::model::LlamaConfig::from_gguf(g).unwrap();
-    layout.check(&cfg).unwrap();
-    LlamaModel::shard_from_gguf(g, q, 1024, 1, layout.shard(rank, &cfg)).unwrap()
-}
-
-/// Starts ranks 1.. of `layout` as threads and returns rank 0's leader over them.
-fn group(g: &Arc<GgufFile>, q: Quantization, layout: Layout, num_blocks: usize) -> Leader {
-    let comms = local_group(layout.world());
-    for (rank, comm) in comms.iter().enumerate().skip(1) {
-        let model = shard(g, q, layout, rank);
-        let comm: Arc<dyn Communicator> = comm.clone();
-        std::thread::spawn(move || follow(model, comm, layout).expect("rank failed"));
-    }
-    Leader::start(
-        shard(g, q, layout, 0),
-        comms[0].clone(),
-        layout,
-        num_blocks,
-        16,
-    )
-    .unwrap()
-}
-
-/// The first 128 tokens of the fixed text the quantization tests measure perplexity on.
-fn prompt_tokens(tk: &Tokenizer) -> Vec<u32> {
-    let mut t = tk.encode(include_str!("data/perplexity.txt"));
-    t.truncate(128);
-    t
-}
-
 #[test]
 fn every_layout_gives_the_single_process_logits() {
     llmo_serve::set_compute_threads(1);
@@ -99,7 +67,7 @@ fn every_layout_gives_the_single_process_logits() {
 fn compare_logits(q: Quantization, tol: Tolerance) {
     let g = gguf();
     let tk = Tokenizer::from_gguf(&g).unwrap();
-    let tokens = prompt_tokens(&tk);
+    let tokens = common::prompt_tokens(&tk);
     let table: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
     let input = StepInput {
         tokens: &tokens,
@@ -107,7 +75,7 @@ fn compare_logits(q: Quantization, tol: Tolerance) {
         block_table: &table,
         want_logits: true,
     };
-    let single = shard(&g, q, Layout::SINGLE, 0);
+    let single = common::shard(&g, q, Layout::SINGLE, 0);
     let mut kv = KvStorage::new(
         single.local_layers(),
         table.len(),
@@ -120,7 +88,7 @@ fn compare_logits(q: Quantization, tol: Tolerance) {
         .flatten()
         .fold(0.0f32, |m, x| m.max(x.abs()));
     for layout in LAYOUTS {
-        let mut leader = group(&g, q, layout, table.len());
+        let mut leader = common::group(&g, q, layout, table.len());
         let got = leader.logits_all(input).unwrap();
         assert_eq!(got.len(), reference.len());
         let worst = got
@@ -209,10 +177,10 @@ async fn every_layout_gives_the_single_process_greedy_text() {
         let single = EngineHandle::start_with(
             Executor::Single {
                 kv: {
-                    let m = shard(&g, q, Layout::SINGLE, 0);
+                    let m = common::shard(&g, q, Layout::SINGLE, 0);
                     KvStorage::new(m.local_layers(), 256, 16, m.kv_slot_stride())
                 },
-                model: shard(&g, q, Layout::SINGLE, 0),
+                model: common::shard(&g, q, Layout::SINGLE, 0),
             },
             Tokenizer::from_gguf(&g).unwrap(),
             engine_config(),
@@ -224,7 +192,7 @@ async fn every_layout_gives_the_single_process_greedy_text() {
         assert!(expected[0].contains("Paris"), "{expected:?}");
         single.stop();
         for layout in LAYOUTS {
-            let leader = group(&g, q, layout, 256);
+            let leader = common::group(&g, q, layout, 256);
             let e = EngineHandle::start_with(
                 Executor::Leader(leader),
                 Tokenizer::from_gguf(&g).unwrap(),
@@ -242,10 +210,10 @@ async fn every_layout_gives_the_single_process_greedy_text() {
 #[test]
 fn tensor_shards_hold_a_tp_share_of_the_weights() {
     let g = gguf();
-    let single = shard(&g, Quantization::Auto, Layout::SINGLE, 0).weight_bytes();
+    let single = common::shard(&g, Quantization::Auto, Layout::SINGLE, 0).weight_bytes();
     let layout = Layout { tp: 3, pp: 1 };
     for rank in 0..3 {
-        let part = shard(&g, Quantization::Auto, layout, rank).weight_bytes();
+        let part = common::shard(&g, Quantization::Auto, layout, rank).weight_bytes();
         let share = part as f64 / single as f64;
         eprintln!(
             "TP 3 rank {rank}: {} of {} bytes ({share:.3})",
@@ -257,8 +225,8 @@ fn tensor_shards_hold_a_tp_share_of_the_weights() {
         );
     }
     let pp = Layout { tp: 1, pp: 2 };
-    let a = shard(&g, Quantization::Auto, pp, 0);
-    let b = shard(&g, Quantization::Auto, pp, 1);
+    let a = common::shard(&g, Quantization::Auto, pp, 0);
+    let b = common::shard(&g, Quantization::Auto, pp, 1);
     assert_eq!(a.shard.layers, 0..15);
     assert_eq!(b.shard.layers, 15..30);
     assert_eq!(

@@ -4,7 +4,7 @@
 mod common;
 
 use llmo_serve::kv::KvStorage;
-use llmo_serve::model::{load_gguf, LoadedModel, Quantization, StepInput};
+use llmo_serve::model::{load, LoadedModel, Quantization, StepInput};
 
 const TEXT: &str = include_str!("data/perplexity.txt");
 const WINDOW: usize = 192;
@@ -41,7 +41,7 @@ pub fn perplexity(m: &LoadedModel) -> f64 {
 fn quantized_formats_stay_close_to_f32() {
     llmo_serve::set_compute_threads(1);
     let path = common::model_path();
-    let reference = perplexity(&load_gguf(&path, Quantization::F32, 512, 1).unwrap());
+    let reference = perplexity(&load(&path, Quantization::F32, 512, 1).unwrap());
     assert!(
         reference > 1.0 && reference < 40.0,
         "f32 perplexity {reference} is implausible for English prose"
@@ -52,7 +52,7 @@ fn quantized_formats_stay_close_to_f32() {
         (Quantization::Q6K, 1.10),
         (Quantization::Int4, 1.60),
     ] {
-        let m = load_gguf(&path, q, 512, 1).unwrap();
+        let m = load(&path, q, 512, 1).unwrap();
         let p = perplexity(&m);
         eprintln!(
             "{q}: perplexity {p:.3} (f32 {reference:.3}), weights {} MiB",

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use llmo_serve::model::{load_gguf, Quantization};
+use llmo_serve::model::{load, Quantization};
 
 fn truncated_copy(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
     let bytes = std::fs::read(common::model_path()).unwrap();
@@ -18,7 +18,7 @@ fn truncated_gguf_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     for len in [3, 100, 1_000_000, 50_000_000] {
         let p = truncated_copy(dir.path(), len);
-        let err = load_gguf(&p, Quantization::Auto, 512, 1)
+        let err = load(&p, Quantization::Auto, 512, 1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("cut.gguf"), "{len}: {err}");
@@ -50,13 +50,13 @@ fn server_refuses_to_start_on_a_truncated_file() {
 #[test]
 fn missing_file_and_wrong_format_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let err = load_gguf(&dir.path().join("absent.gguf"), Quantization::Auto, 512, 1)
+    let err = load(&dir.path().join("absent.gguf"), Quantization::Auto, 512, 1)
         .unwrap_err()
         .to_string();
     assert!(err.contains("absent.gguf"), "{err}");
     let p = dir.path().join("model.safetensors");
     std::fs::write(&p, b"{\"__metadata__\":{}}").unwrap();
-    let err = load_gguf(&p, Quantization::Auto, 512, 1)
+    let err = load(&p, Quantization::Auto, 512, 1)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a GGUF file"), "{err}");

@@ -1,6 +1,7 @@
-//! The hyper-parameters of a Llama-family model, read from GGUF metadata.
+//! The hyper-parameters of a Llama-family model, read from GGUF metadata (a Hugging Face
+//! `config.json` arrives translated into the same keys).
 
-use super::gguf::GgufFile;
+use super::gguf::{Format, GgufFile};
 use super::ModelError;
 
 /// Architectures whose GGUF layout this crate runs.
@@ -20,8 +21,8 @@ pub struct LlamaConfig {
     pub rms_eps: f64,
     pub context_length: usize,
     /// llama.cpp permutes the Q/K rows of `llama` checkpoints so that RoPE rotates adjacent
-    /// pairs (x[2i], x[2i+1]); Qwen2 checkpoints are not permuted and rotate the two halves of
-    /// each head (x[i], x[i + d/2]) as Hugging Face does.
+    /// pairs (x[2i], x[2i+1]); its Qwen2 files, and every Hugging Face checkpoint, are not
+    /// permuted and rotate the two halves of each head (x[i], x[i + d/2]).
     pub rope_interleaved: bool,
 }
 
@@ -67,7 +68,7 @@ impl LlamaConfig {
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             context_length: g.get_u64(&key("context_length")).unwrap_or(4096) as usize,
-            rope_interleaved: arch != "qwen2",
+            rope_interleaved: g.format == Format::Gguf && arch != "qwen2",
             architecture: arch,
         };
         Ok(cfg)

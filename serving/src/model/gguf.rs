@@ -111,19 +111,35 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// ggml type id (0 = F32, 1 = F16, 2 = Q4_0, 3 = Q4_1, 8 = Q8_0, ...).
     pub ggml_type: u32,
-    /// Absolute byte offset in the file.
+    /// Which of the model's mapped files holds the bytes (always 0 for a GGUF file).
+    pub file: usize,
+    /// Absolute byte offset in that file.
     pub offset: u64,
     pub size: u64,
 }
 
-/// A parsed GGUF file whose tensor data stays memory-mapped.
+/// Where a model's tensors and metadata were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One GGUF file, read as it is.
+    Gguf,
+    /// A Hugging Face checkpoint directory (`config.json`, `*.safetensors`, `tokenizer.json`),
+    /// whose names and hyper-parameters were translated into GGUF's keys and tensor names (see
+    /// [`super::hf`]). Its Q/K weights are in Hugging Face's order, not llama.cpp's permuted one.
+    HuggingFace,
+}
+
+/// A model's metadata and tensor descriptors in GGUF's vocabulary, with the tensor data left
+/// memory-mapped: a GGUF file, or a Hugging Face directory translated into the same keys.
 #[derive(Debug)]
 pub struct GgufFile {
+    /// The GGUF file, or the checkpoint directory.
     pub path: PathBuf,
     pub version: u32,
+    pub format: Format,
     pub metadata: HashMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    mmap: Mmap,
+    maps: Vec<Mmap>,
 }
 
 /// Bytes per block and elements per block for the ggml types this reader accepts.
@@ -263,10 +279,33 @@ impl GgufFile {
         Ok(Self {
             path: path.to_path_buf(),
             version,
+            format: Format::Gguf,
             metadata,
             tensors,
-            mmap,
+            maps: vec![mmap],
         })
+    }
+
+    /// A model assembled from translated metadata and tensors whose bytes lie in `maps`
+    /// (`TensorInfo::file` indexes it). Every tensor's range must lie inside its map.
+    pub(crate) fn assemble(
+        path: PathBuf,
+        format: Format,
+        metadata: HashMap<String, Value>,
+        tensors: Vec<TensorInfo>,
+        maps: Vec<Mmap>,
+    ) -> Self {
+        debug_assert!(tensors.iter().all(|t| maps
+            .get(t.file)
+            .is_some_and(|m| t.offset + t.size <= m.len() as u64)));
+        Self {
+            path,
+            version: 3,
+            format,
+            metadata,
+            tensors,
+            maps,
+        }
     }
 
     /// Parses a GGUF image held in memory (used by `open` and by the fuzz tests).
@@ -353,6 +392,7 @@ impl GgufFile {
                 name,
                 shape: dims.iter().map(|&d| d as usize).collect(),
                 ggml_type,
+                file: 0,
                 offset,
                 size,
             });
@@ -393,7 +433,7 @@ impl GgufFile {
 
     /// The tensor's raw bytes, borrowed from the mapping.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.mmap[info.offset as usize..(info.offset + info.size) as usize]
+        &self.maps[info.file][info.offset as usize..(info.offset + info.size) as usize]
     }
 
     fn missing(&self, key: &str, expected: &'static str) -> GgufError {

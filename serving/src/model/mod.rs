@@ -1,9 +1,10 @@
-//! Models: GGUF reading, the Llama-family forward pass, weight formats, and where files come
-//! from (local paths, `file://`, `hf://`).
+//! Models: GGUF files and Hugging Face checkpoint directories, the Llama-family forward pass,
+//! weight formats, and where models come from (local paths, `file://`, `hf://`).
 
 pub mod attention;
 pub mod config;
 pub mod gguf;
+pub mod hf;
 pub mod hub;
 pub mod llama;
 pub mod quant;
@@ -25,6 +26,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
     #[error("model URI `{uri}`: {reason}")]
     Uri { uri: String, reason: String },
     #[error(transparent)]
@@ -38,7 +41,7 @@ pub enum ModelError {
     },
 }
 
-/// A model with its tokenizer, loaded from one file.
+/// A model with its tokenizer, loaded from a GGUF file or a checkpoint directory.
 #[derive(Debug)]
 pub struct LoadedModel {
     pub path: PathBuf,
@@ -46,7 +49,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
 }
 
-/// Resolves `uri` to a local GGUF file, downloading it first for `hf://`.
+/// Resolves `uri` to a local GGUF file or checkpoint directory, downloading it first for
+/// `hf://`.
 pub async fn resolve(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf, ModelError> {
     if let Some(rest) = uri.strip_prefix("hf://") {
         let spec = hub::HubSpec::parse(rest).map_err(|reason| ModelError::Uri {
@@ -63,23 +67,33 @@ pub async fn resolve(uri: &str, cache_dir: &std::path::Path) -> Result<PathBuf, 
         });
     }
     let p = PathBuf::from(path);
-    if p.is_dir() {
+    if p.is_dir() && !hf::is_checkpoint(&p) {
         return Err(ModelError::Uri {
             uri: uri.to_string(),
-            reason: "is a directory; llmo-serve loads a single .gguf file".into(),
+            reason: "is a directory without config.json; llmo-serve loads a .gguf file or a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)".into(),
         });
     }
     Ok(p)
 }
 
-/// Opens and loads a GGUF model file.
-pub fn load_gguf(
+/// Reads a model's metadata and maps its weights: a Hugging Face checkpoint when `path` is a
+/// directory, else a GGUF file.
+pub fn open(path: &std::path::Path) -> Result<gguf::GgufFile, ModelError> {
+    if path.is_dir() {
+        hf::open_dir(path)
+    } else {
+        Ok(gguf::GgufFile::open(path)?)
+    }
+}
+
+/// Opens and loads a model (see [`open`]) with its tokenizer.
+pub fn load(
     path: &std::path::Path,
     quantization: Quantization,
     max_positions: usize,
     threads: usize,
 ) -> Result<LoadedModel, ModelError> {
-    let g = gguf::GgufFile::open(path)?;
+    let g = open(path)?;
     let tokenizer = Tokenizer::from_gguf(&g).map_err(|source| ModelError::Tokenizer {
         path: path.to_path_buf(),
         source,

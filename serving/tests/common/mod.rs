@@ -52,14 +52,20 @@ pub fn free_port() -> u16 {
 }
 
 impl Server {
+    /// Serves the test model.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_model(&model_path(), extra)
+    }
+
+    /// Serves `model` (a GGUF file or a checkpoint directory).
+    pub fn start_model(model: &std::path::Path, extra: &[&str]) -> Self {
         // One server at a time: they share two cores, and timing-based checks need them.
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_llmo-serve"))
             .arg("--model")
-            .arg(model_path())
+            .arg(model)
             .args([
                 "--host",
                 "127.0.0.1",
@@ -170,4 +176,49 @@ pub fn perplexity_of(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
         nll += lse - l[next as usize] as f64;
     }
     (nll / (tokens.len() - 1) as f64).exp()
+}
+
+/// The first 128 tokens of the fixed text the quantization tests measure perplexity on.
+pub fn prompt_tokens(tk: &llmo_serve::tokenizer::Tokenizer) -> Vec<u32> {
+    let mut t = tk.encode(include_str!("../data/perplexity.txt"));
+    t.truncate(128);
+    t
+}
+
+/// Rank `rank`'s shard of `layout`.
+pub fn shard(
+    g: &llmo_serve::model::gguf::GgufFile,
+    q: llmo_serve::model::Quantization,
+    layout: llmo_serve::model::shard::Layout,
+    rank: usize,
+) -> llmo_serve::model::LlamaModel {
+    let cfg = llmo_serve::model::LlamaConfig::from_gguf(g).unwrap();
+    layout.check(&cfg).unwrap();
+    llmo_serve::model::LlamaModel::shard_from_gguf(g, q, 1024, 1, layout.shard(rank, &cfg)).unwrap()
+}
+
+/// Starts ranks 1.. of `layout` as threads and returns rank 0's leader over them.
+pub fn group(
+    g: &std::sync::Arc<llmo_serve::model::gguf::GgufFile>,
+    q: llmo_serve::model::Quantization,
+    layout: llmo_serve::model::shard::Layout,
+    num_blocks: usize,
+) -> llmo_serve::engine::group::Leader {
+    use llmo_serve::dist::Communicator;
+    let comms = llmo_serve::dist::local_group(layout.world());
+    for (rank, comm) in comms.iter().enumerate().skip(1) {
+        let model = shard(g, q, layout, rank);
+        let comm: std::sync::Arc<dyn Communicator> = comm.clone();
+        std::thread::spawn(move || {
+            llmo_serve::engine::group::follow(model, comm, layout).expect("rank failed")
+        });
+    }
+    llmo_serve::engine::group::Leader::start(
+        shard(g, q, layout, 0),
+        comms[0].clone(),
+        layout,
+        num_blocks,
+        16,
+    )
+    .unwrap()
 }
