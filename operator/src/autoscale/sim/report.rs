@@ -40,6 +40,13 @@ pub struct Summary {
     pub actions_per_hour: f64,
     /// Mean seconds from a burst's onset to the first scale-up after it.
     pub burst_to_decision: Option<f64>,
+    /// Mean reaction time: over the bursts that pushed the strategy's TTFT p95 over target,
+    /// seconds from the first 10 s over target to the first scale-up after the onset (0 when the
+    /// scale-up came first; 300 when none came within 300 s).
+    pub miss_to_decision: Option<f64>,
+    /// Of those bursts, how many saw the scale-up within 10 s of the first miss, and how many
+    /// there were.
+    pub miss_decided_within_10s: (usize, usize),
     /// Mean seconds from a burst's onset until TTFT p95 is back within target.
     pub burst_to_restored: Option<f64>,
 }
@@ -62,18 +69,24 @@ pub fn summarize(
         .count() as f64;
     let p95 = ttft_series(&run.outcomes, duration);
     let mut decision = Vec::new();
+    let mut reaction = Vec::new();
     let mut restored = Vec::new();
     for &onset in bursts {
-        if let Some((t, _, _)) = run
+        let scale_up = run
             .actions
             .iter()
             .find(|(t, from, to)| *t >= onset && to > from && *t <= onset + 300.0)
-        {
+            .map(|a| a.0);
+        if let Some(t) = scale_up {
             decision.push(t - onset);
         }
         let start = (onset / 10.0) as usize;
         let window = &p95[start.min(p95.len())..(start + 60).min(p95.len())];
         let violated = window.iter().position(|v| *v > ttft);
+        if let Some(first) = violated.filter(|f| *f < 30) {
+            let miss = (start + first) as f64 * 10.0;
+            reaction.push(scale_up.map_or(300.0, |t| (t - miss).max(0.0)));
+        }
         restored.push(match violated {
             None => 0.0,
             Some(first) => window[first..]
@@ -92,6 +105,11 @@ pub fn summarize(
         cost: run.gpu_hours * gpu_price,
         actions_per_hour: run.actions.len() as f64 / (duration / 3600.0),
         burst_to_decision: mean(&decision),
+        miss_to_decision: mean(&reaction),
+        miss_decided_within_10s: (
+            reaction.iter().filter(|r| **r <= 10.0).count(),
+            reaction.len(),
+        ),
         burst_to_restored: mean(&restored),
     }
 }
@@ -137,16 +155,16 @@ pub fn table(sim: &Simulation) -> String {
         f.class, f.costs.fixed * 1e3, f.costs.prefill_fixed * 1e3, f.costs.compute_efficiency, f.costs.bandwidth_efficiency, f.costs.per_sequence * 1e3, f.rows, f.excluded, f.prefill_mape * 100.0, f.decode_mape * 100.0, f.max_error * 100.0);
     let requests = sim.runs.first().map(|r| r.outcomes.len()).unwrap_or(0);
     let _ = writeln!(s, "replica capacity within the SLO: {:.0} tokens/s; {requests} requests over {:.1} h; {} bursts\n", sim.capacity, sim.duration / 3600.0, sim.bursts.len());
-    let _ = writeln!(s, "| strategy | TTFT SLO % | ITL SLO % | GPU-hours | cost $ | scale actions/h | burst → decision s | burst → SLO restored s |");
+    let _ = writeln!(s, "| strategy | TTFT SLO % | ITL SLO % | GPU-hours | cost $ | scale actions/h | burst → decision s | SLO miss → decision s | burst → SLO restored s |");
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
     for r in &sim.summaries {
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} | {} | {} |",
+            "| {} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} | {} | {} | {} |",
             r.name,
             r.ttft_attainment,
             r.itl_attainment,
@@ -154,6 +172,10 @@ pub fn table(sim: &Simulation) -> String {
             r.cost,
             r.actions_per_hour,
             opt(r.burst_to_decision),
+            match r.miss_decided_within_10s {
+                (_, 0) => "-".to_string(),
+                (k, n) => format!("{} ({k}/{n} ≤ 10 s)", opt(r.miss_to_decision)),
+            },
             opt(r.burst_to_restored)
         );
     }
@@ -306,4 +328,98 @@ pub fn decisions_csv(sim: &Simulation) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(arrival: f64, ttft: f64) -> Outcome {
+        Outcome {
+            arrival,
+            ttft,
+            tpot: 0.01,
+        }
+    }
+
+    fn run(actions: Vec<(f64, u32, u32)>, outcomes: Vec<Outcome>) -> RunResult {
+        RunResult {
+            name: "s",
+            outcomes,
+            gpu_hours: 1.0,
+            actions,
+            targets: Vec::new(),
+            ready: Vec::new(),
+            decisions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn burst_measures_count_from_onset_and_from_the_first_miss() {
+        // Burst at 100 s; TTFT over the 1 s target in the bins from 130 s to 160 s.
+        let outcomes: Vec<Outcome> = (0..60)
+            .map(|i| {
+                let t = i as f64 * 10.0 + 1.0;
+                outcome(
+                    t,
+                    if (130.0..170.0).contains(&t) {
+                        3.0
+                    } else {
+                        0.5
+                    },
+                )
+            })
+            .collect();
+        let summary = |actions| {
+            summarize(
+                &run(actions, outcomes.clone()),
+                &[100.0],
+                1.0,
+                None,
+                1.0,
+                600.0,
+            )
+        };
+
+        let late = summary(vec![(50.0, 2, 3), (145.0, 3, 2), (155.0, 2, 4)]);
+        assert_eq!(
+            late.burst_to_decision,
+            Some(55.0),
+            "the scale-up at 155 s; 50 s was before the burst and 145 s a scale-down"
+        );
+        assert_eq!(
+            late.miss_to_decision,
+            Some(25.0),
+            "first miss in the bin starting at 130 s"
+        );
+        assert_eq!(late.miss_decided_within_10s, (0, 1));
+        assert_eq!(
+            late.burst_to_restored,
+            Some(70.0),
+            "from onset bin 10 to bin 17"
+        );
+
+        let early = summary(vec![(110.0, 2, 3)]);
+        assert_eq!(
+            (early.burst_to_decision, early.miss_to_decision),
+            (Some(10.0), Some(0.0))
+        );
+        assert_eq!(early.miss_decided_within_10s, (1, 1));
+
+        let never = summary(vec![]);
+        assert_eq!(
+            (never.burst_to_decision, never.miss_to_decision),
+            (None, Some(300.0))
+        );
+
+        let calm: Vec<Outcome> = (0..60)
+            .map(|i| outcome(i as f64 * 10.0 + 1.0, 0.5))
+            .collect();
+        let absorbed = summarize(&run(vec![], calm), &[100.0], 1.0, None, 1.0, 600.0);
+        assert_eq!(
+            (absorbed.miss_to_decision, absorbed.burst_to_restored),
+            (None, Some(0.0))
+        );
+        assert_eq!(absorbed.miss_decided_within_10s, (0, 0));
+    }
 }
