@@ -19,10 +19,9 @@ use serde_json::json;
 
 use common::{http, perplexity_of, Server};
 use llmo_serve::engine::sampling::argmax;
-use llmo_serve::kv::KvStorage;
 use llmo_serve::model::gguf::{Format, GgufFile, TensorInfo};
 use llmo_serve::model::shard::Layout;
-use llmo_serve::model::{LlamaConfig, LlamaModel, Quantization, StepInput};
+use llmo_serve::model::{LlamaConfig, Quantization, StepInput};
 use llmo_serve::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -264,27 +263,6 @@ fn gguf() -> Arc<GgufFile> {
     Arc::new(GgufFile::open(&common::model_path()).expect("open model"))
 }
 
-fn logits(model: &LlamaModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let table: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
-    let mut kv = KvStorage::new(
-        model.local_layers(),
-        table.len(),
-        16,
-        model.kv_slot_stride(),
-    );
-    model
-        .logits_all(
-            StepInput {
-                tokens,
-                start: 0,
-                block_table: &table,
-                want_logits: true,
-            },
-            &mut kv,
-        )
-        .unwrap()
-}
-
 /// Largest logit difference relative to the largest reference logit, and the positions whose
 /// argmax agrees.
 fn compare(reference: &[Vec<f32>], got: &[Vec<f32>]) -> (f32, usize) {
@@ -354,11 +332,11 @@ fn f32_checkpoint_gives_the_gguf_logits_alone_and_split() {
 
     // f32 weights on both sides: only the RoPE layout (and so the order of products in each
     // head's dot products) differs.
-    let reference = logits(
+    let reference = common::logits_of(
         &common::shard(&g, Quantization::F32, Layout::SINGLE, 0),
         &tokens,
     );
-    let single = logits(
+    let single = common::logits_of(
         &common::shard(&hf, Quantization::F32, Layout::SINGLE, 0),
         &tokens,
     );
@@ -409,7 +387,7 @@ fn bf16_checkpoint_serves_and_quantizes_on_load() {
     let perplexity = |q: Quantization| {
         let m = llmo_serve::model::load(dir.path(), q, 1024, 1).unwrap();
         let tokens = common::prompt_tokens(&m.tokenizer);
-        let p = perplexity_of(&logits(&m.model, &tokens), &tokens);
+        let p = perplexity_of(&common::logits_of(&m.model, &tokens), &tokens);
         (p, m.model.weight_bytes())
     };
     let (p_ref, bytes_ref) = perplexity(Quantization::F32);

@@ -36,33 +36,40 @@ async fn resolve(
     if !file.ends_with(".gguf") {
         return StatusCode::NOT_FOUND.into_response();
     }
+    ranged(&hub.file, &headers, &hub.announced_sha, &hub.bytes_served)
+}
+
+/// `bytes` from where an HTTP `Range: bytes=N-` header asks (206), or whole (200), with the
+/// sha256 the Hub announces; counts what it sends in `served`.
+fn ranged(bytes: &[u8], headers: &HeaderMap, sha: &str, served: &AtomicU64) -> Response {
     let start: usize = headers
         .get("range")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.trim_end_matches('-').parse().ok())
         .unwrap_or(0);
-    let body = hub.file[start..].to_vec();
-    hub.bytes_served
-        .fetch_add(body.len() as u64, Ordering::SeqCst);
+    let body = bytes[start..].to_vec();
+    served.fetch_add(body.len() as u64, Ordering::SeqCst);
     let status = if start > 0 {
         StatusCode::PARTIAL_CONTENT
     } else {
         StatusCode::OK
     };
-    (
-        status,
-        [("x-linked-etag", format!("\"{}\"", hub.announced_sha))],
-        body,
-    )
-        .into_response()
+    (status, [("x-linked-etag", format!("\"{sha}\""))], body).into_response()
 }
 
 async fn serve(hub: Arc<Hub>) -> String {
-    let app = Router::new()
-        .route("/api/models/{org}/{repo}/revision/{rev}", get(listing))
-        .route("/{org}/{repo}/resolve/{rev}/{*file}", get(resolve))
-        .with_state(hub);
+    listen(
+        Router::new()
+            .route("/api/models/{org}/{repo}/revision/{rev}", get(listing))
+            .route("/{org}/{repo}/resolve/{rev}/{*file}", get(resolve))
+            .with_state(hub),
+    )
+    .await
+}
+
+/// Serves `app` on a loopback port; returns its base URL.
+async fn listen(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -192,33 +199,18 @@ async fn dir_resolve(
         return StatusCode::NOT_FOUND.into_response();
     };
     hub.fetched.lock().unwrap().push(file);
-    let start: usize = headers
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bytes="))
-        .and_then(|v| v.trim_end_matches('-').parse().ok())
-        .unwrap_or(0);
-    let body = bytes[start..].to_vec();
-    hub.bytes_served
-        .fetch_add(body.len() as u64, Ordering::SeqCst);
-    let status = if start > 0 {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    };
     let sha = format!("{:x}", Sha256::digest(&bytes));
-    (status, [("x-linked-etag", format!("\"{sha}\""))], body).into_response()
+    ranged(&bytes, &headers, &sha, &hub.bytes_served)
 }
 
 async fn serve_dir(hub: Arc<DirHub>) -> String {
-    let app = Router::new()
-        .route("/api/models/{org}/{repo}/revision/{rev}", get(dir_listing))
-        .route("/{org}/{repo}/resolve/{rev}/{*file}", get(dir_resolve))
-        .with_state(hub);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    listen(
+        Router::new()
+            .route("/api/models/{org}/{repo}/revision/{rev}", get(dir_listing))
+            .route("/{org}/{repo}/resolve/{rev}/{*file}", get(dir_resolve))
+            .with_state(hub),
+    )
+    .await
 }
 
 #[tokio::test]

@@ -75,14 +75,7 @@ fn compare_logits(q: Quantization, tol: Tolerance) {
         block_table: &table,
         want_logits: true,
     };
-    let single = common::shard(&g, q, Layout::SINGLE, 0);
-    let mut kv = KvStorage::new(
-        single.local_layers(),
-        table.len(),
-        16,
-        single.kv_slot_stride(),
-    );
-    let reference = single.logits_all(input, &mut kv).unwrap();
+    let reference = common::logits_of(&common::shard(&g, q, Layout::SINGLE, 0), &tokens);
     let scale = reference
         .iter()
         .flatten()

@@ -3,8 +3,7 @@
 
 mod common;
 
-use llmo_serve::kv::KvStorage;
-use llmo_serve::model::{load, LoadedModel, Quantization, StepInput};
+use llmo_serve::model::{load, LoadedModel, Quantization};
 
 const TEXT: &str = include_str!("data/perplexity.txt");
 const WINDOW: usize = 192;
@@ -13,27 +12,7 @@ const WINDOW: usize = 192;
 pub fn perplexity(m: &LoadedModel) -> f64 {
     let tokens = m.tokenizer.encode(TEXT);
     let tokens = &tokens[..WINDOW.min(tokens.len())];
-    let cfg = &m.model.config;
-    let bs = 16;
-    let mut kv = KvStorage::new(
-        cfg.n_layers,
-        tokens.len().div_ceil(bs),
-        bs,
-        cfg.n_kv_heads * cfg.head_dim,
-    );
-    let table: Vec<u32> = (0..tokens.len().div_ceil(bs) as u32).collect();
-    let logits = m
-        .model
-        .logits_all(
-            StepInput {
-                tokens,
-                start: 0,
-                block_table: &table,
-                want_logits: true,
-            },
-            &mut kv,
-        )
-        .unwrap();
+    let logits = common::logits_of(&m.model, tokens);
     common::perplexity_of(&logits, tokens)
 }
 

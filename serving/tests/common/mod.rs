@@ -222,3 +222,25 @@ pub fn group(
     )
     .unwrap()
 }
+
+/// Next-token logits after every token of `tokens`, from one prefill of a fresh KV cache.
+pub fn logits_of(model: &llmo_serve::model::LlamaModel, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let table: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
+    let mut kv = llmo_serve::kv::KvStorage::new(
+        model.local_layers(),
+        table.len(),
+        16,
+        model.kv_slot_stride(),
+    );
+    model
+        .logits_all(
+            llmo_serve::model::StepInput {
+                tokens,
+                start: 0,
+                block_table: &table,
+                want_logits: true,
+            },
+            &mut kv,
+        )
+        .unwrap()
+}
