@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 use serde_json::json;
 
-use common::{http, perplexity_of, Server};
+use common::{perplexity_of, Server};
 use llmo_serve::engine::sampling::argmax;
 use llmo_serve::model::gguf::{Format, GgufFile, TensorInfo};
 use llmo_serve::model::shard::Layout;
@@ -403,18 +403,10 @@ fn bf16_checkpoint_serves_and_quantizes_on_load() {
 
     let server = Server::start_model(dir.path(), &[]);
     let addr = server.base.trim_start_matches("http://");
-    let (code, body) = http(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        r#"{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_tokens":24}"#,
-    )
-    .unwrap();
-    assert_eq!(code, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let v = common::chat(addr, "What is the capital of France?", 24);
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{text}");
-    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{body}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
 }
 
 /// A checkpoint of a tiny model, for the refusals.

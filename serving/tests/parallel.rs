@@ -306,11 +306,7 @@ fn wait_ready(addr: &str, procs: &mut [Proc]) {
 }
 
 fn ask(addr: &str) -> String {
-    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":24,"temperature":0}"#;
-    let (code, resp) = http(addr, "POST", "/v1/chat/completions", body).unwrap();
-    assert_eq!(code, 200, "{resp}");
-    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
-    v["choices"][0]["message"]["content"]
+    common::chat(addr, "What is the capital of France?", 24)["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
         .to_owned()

@@ -59,7 +59,10 @@ pub fn open_dir(dir: &Path) -> Result<GgufFile, ModelError> {
     let config = read_json(&config_path)?;
     let (arch, mut metadata) = translate_config(&config, &config_path)?;
     let tied = config["tie_word_embeddings"].as_bool().unwrap_or(false);
-    let (tensors, maps) = map_weights(dir, tied)?;
+    let layers = metadata[&format!("{arch}.block_count")]
+        .as_u64()
+        .expect("translate_config sets the layer count") as usize;
+    let (tensors, maps) = map_weights(dir, tied, layers)?;
     metadata.extend(translate_tokenizer(dir, &config)?);
     tracing::debug!(path = %dir.display(), architecture = %arch, tensors = tensors.len(), files = maps.len(), "Hugging Face checkpoint read");
     Ok(GgufFile::assemble(
@@ -234,7 +237,11 @@ fn ggml_type(d: Dtype) -> Option<(u32, u64)> {
 }
 
 /// Maps every weight file and describes the tensors the model uses under their GGUF names.
-fn map_weights(dir: &Path, tied: bool) -> Result<(Vec<TensorInfo>, Vec<Mmap>), ModelError> {
+fn map_weights(
+    dir: &Path,
+    tied: bool,
+    layers: usize,
+) -> Result<(Vec<TensorInfo>, Vec<Mmap>), ModelError> {
     let mut tensors = Vec::new();
     let mut maps = Vec::new();
     let mut seen = HashSet::new();
@@ -325,15 +332,18 @@ fn map_weights(dir: &Path, tied: bool) -> Result<(Vec<TensorInfo>, Vec<Mmap>), M
             );
         }
     }
-    check_complete(dir, &seen, tied)?;
+    check_complete(dir, &seen, tied, layers)?;
     Ok((tensors, maps))
 }
 
-/// Names the first weight the model needs that no file holds, by its Hugging Face name.
-fn check_complete(dir: &Path, seen: &HashSet<String>, tied: bool) -> Result<(), ModelError> {
-    let layers = (0..)
-        .take_while(|i| seen.contains(&format!("blk.{i}.attn_q.weight")))
-        .count();
+/// Names the first weight the model's `layers` layers need that no file holds, by its Hugging
+/// Face name.
+fn check_complete(
+    dir: &Path,
+    seen: &HashSet<String>,
+    tied: bool,
+    layers: usize,
+) -> Result<(), ModelError> {
     let mut needed = vec![
         "model.embed_tokens.weight".to_string(),
         "model.norm.weight".into(),
@@ -341,7 +351,7 @@ fn check_complete(dir: &Path, seen: &HashSet<String>, tied: bool) -> Result<(), 
     if !tied {
         needed.push("lm_head.weight".into());
     }
-    for i in 0..layers.max(1) {
+    for i in 0..layers {
         for m in [
             "input_layernorm",
             "self_attn.q_proj",

@@ -244,3 +244,17 @@ pub fn logits_of(model: &llmo_serve::model::LlamaModel, tokens: &[u32]) -> Vec<V
         )
         .unwrap()
 }
+
+/// One greedy, non-streamed chat completion of `question` against the server at `addr`
+/// (HOST:PORT): the parsed response, after checking it is a 200.
+pub fn chat(addr: &str, question: &str, max_tokens: usize) -> serde_json::Value {
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    });
+    let (code, resp) = http(addr, "POST", "/v1/chat/completions", &body.to_string()).unwrap();
+    assert_eq!(code, 200, "{resp}");
+    serde_json::from_str(&resp).unwrap()
+}
