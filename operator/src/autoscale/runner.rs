@@ -186,8 +186,20 @@ pub async fn run(
     let watches = tokio::spawn(async move {
         tokio::join!(md_watch, pod_watch);
     });
-    let _ = mds.wait_until_ready().await;
-    let _ = pods.wait_until_ready().await;
+    tokio::pin!(shutdown);
+    // A stop that comes while the caches still fill (say, a SIGTERM right after winning the
+    // lease) ends the autoscaler at once: the operator releases the lease only after it.
+    tokio::select! {
+        _ = async {
+            let _ = mds.wait_until_ready().await;
+            let _ = pods.wait_until_ready().await;
+        } => {}
+        () = &mut shutdown => {
+            watches.abort();
+            info!("autoscaler stopped before it started");
+            return;
+        }
+    }
     info!("autoscaler started");
     let recorder = Recorder::new(client.clone(), "llmo-autoscaler".into());
     let out = Outputs {
@@ -201,7 +213,6 @@ pub async fn run(
     let mut tracked: BTreeMap<(String, String), Tracked> = BTreeMap::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
