@@ -37,10 +37,11 @@ const F32: Tolerance = Tolerance {
     argmax: 1.0,
     perplexity: 1e-6,
 };
-/// The file's 4-bit weights: candle's quantized matmuls round their inputs to 8 bits, which
-/// turns those last-bit differences into rounding steps (measured: 1.3 of 33, 122 of 128 argmax
-/// the same, perplexity 29.65 against 29.70). Pipeline stages alone stay exact.
-const STORED: Tolerance = Tolerance {
+/// 8-bit activations (the file's 4-bit weights in candle's kernels, and `int8`): each matmul
+/// rounds its input to 8 bits, which turns those last-bit differences into rounding steps
+/// (measured: stored 1.1 of 33, 125 of 128 argmax the same, perplexity 29.28 against 29.29;
+/// int8 1.0 of 33, 125 of 128, 29.52 against 29.78). Pipeline stages alone stay exact.
+const ROUNDED: Tolerance = Tolerance {
     logit: 0.1,
     argmax: 0.9,
     perplexity: 0.01,
@@ -59,7 +60,11 @@ fn gguf() -> Arc<GgufFile> {
 #[test]
 fn every_layout_gives_the_single_process_logits() {
     llmo_serve::set_compute_threads(1);
-    for (q, tolerance) in [(Quantization::Auto, F32), (Quantization::Stored, STORED)] {
+    for (q, tolerance) in [
+        (Quantization::Auto, F32),
+        (Quantization::Stored, ROUNDED),
+        (Quantization::Int8, ROUNDED),
+    ] {
         compare_logits(q, tolerance);
     }
 }

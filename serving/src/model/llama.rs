@@ -41,11 +41,11 @@ pub struct StepInput<'a> {
 
 #[derive(Debug)]
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     qkv: Linear,
     qkv_bias: Option<Vec<f32>>,
     o: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     gate_up: Linear,
     down: Linear,
 }
@@ -62,7 +62,7 @@ pub struct LlamaModel {
     vocab_part: Range<usize>,
     layers: Vec<Layer>,
     /// Final norm and LM head (last stage only).
-    norm: Option<Tensor>,
+    norm: Option<Vec<f32>>,
     lm_head: Option<Linear>,
     rope: RopeTable,
     threads: usize,
@@ -301,8 +301,8 @@ impl LlamaModel {
             };
             let head = load_rows(g, head_name, vocab_part.clone())?;
             (
-                Some(to_f32(&load(g, "output_norm.weight")?)?),
-                Some(Linear::new(to_matmul(head, q)?)?),
+                Some(load_vec(g, "output_norm.weight", 0..cfg.hidden)?),
+                Some(Linear::from_weight(head, q)?),
             )
         } else {
             (None, None)
@@ -310,23 +310,29 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let qkv = Linear::new(fuse(
-                vec![
-                    load_rows(g, &n("attn_q.weight"), q_rows.clone())?,
-                    load_rows(g, &n("attn_k.weight"), kv_rows.clone())?,
-                    load_rows(g, &n("attn_v.weight"), kv_rows.clone())?,
-                ],
+            let qkv = Linear::new(
+                fuse(
+                    vec![
+                        load_rows(g, &n("attn_q.weight"), q_rows.clone())?,
+                        load_rows(g, &n("attn_k.weight"), kv_rows.clone())?,
+                        load_rows(g, &n("attn_v.weight"), kv_rows.clone())?,
+                    ],
+                    q,
+                )?,
                 q,
-            )?)?;
-            let gate_up = Linear::new(fuse(
-                vec![
-                    load_rows(g, &n("ffn_gate.weight"), ffn.clone())?,
-                    load_rows(g, &n("ffn_up.weight"), ffn.clone())?,
-                ],
+            )?;
+            let gate_up = Linear::new(
+                fuse(
+                    vec![
+                        load_rows(g, &n("ffn_gate.weight"), ffn.clone())?,
+                        load_rows(g, &n("ffn_up.weight"), ffn.clone())?,
+                    ],
+                    q,
+                )?,
                 q,
-            )?)?;
+            )?;
             layers.push(Layer {
-                attn_norm: to_f32(&load(g, &n("attn_norm.weight"))?)?,
+                attn_norm: load_vec(g, &n("attn_norm.weight"), 0..cfg.hidden)?,
                 qkv,
                 qkv_bias: bias(
                     g,
@@ -336,16 +342,10 @@ impl LlamaModel {
                         (n("attn_v.bias"), kv_rows.clone()),
                     ],
                 )?,
-                o: Linear::new(to_matmul(
-                    load_cols(g, &n("attn_output.weight"), q_rows.clone())?,
-                    q,
-                )?)?,
-                ffn_norm: to_f32(&load(g, &n("ffn_norm.weight"))?)?,
+                o: Linear::from_weight(load_cols(g, &n("attn_output.weight"), q_rows.clone())?, q)?,
+                ffn_norm: load_vec(g, &n("ffn_norm.weight"), 0..cfg.hidden)?,
                 gate_up,
-                down: Linear::new(to_matmul(
-                    load_cols(g, &n("ffn_down.weight"), ffn.clone())?,
-                    q,
-                )?)?,
+                down: Linear::from_weight(load_cols(g, &n("ffn_down.weight"), ffn.clone())?, q)?,
             });
         }
         let weight_bytes = layers
@@ -500,9 +500,7 @@ impl LlamaModel {
         let eps = cfg.rms_eps as f32;
 
         let mut x = match hidden {
-            Some(h) if h.len() == n * cfg.hidden => {
-                Tensor::from_vec(h, (n, cfg.hidden), &Device::Cpu)?
-            }
+            Some(h) if h.len() == n * cfg.hidden => h,
             Some(h) => {
                 return Err(ModelError::Unsupported(format!(
                     "the previous stage sent {} values for {n} rows of {}",
@@ -518,8 +516,8 @@ impl LlamaModel {
             }
         };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut qkv = layer.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let h = rms_norm(&x, &layer.attn_norm, eps);
+            let mut qkv = layer.qkv.forward(&h, n)?;
             let mut q = Vec::with_capacity(n * q_width);
             for (r, row) in qkv.chunks_mut(qkv_width).enumerate() {
                 if let Some(b) = &layer.qkv_bias {
@@ -536,32 +534,33 @@ impl LlamaModel {
                 kv.write(li, slots[r], k, v);
             }
             let attn = paged_attention(&q, &rows, kv, li, shape, self.threads);
-            let attn = Tensor::from_vec(attn, (n, q_width), &Device::Cpu)?;
-            x = (x + self.reduce(layer.o.forward(&attn)?)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gu = layer.gate_up.forward(&h)?;
-            let gate = gu.narrow(1, 0, self.ffn)?;
-            let up = gu.narrow(1, self.ffn, self.ffn)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + self.reduce(layer.down.forward(&act)?)?)?;
+            add_to(&mut x, &self.reduce(layer.o.forward(&attn, n)?)?);
+            let h = rms_norm(&x, &layer.ffn_norm, eps);
+            let act = swiglu(&layer.gate_up.forward(&h, n)?, self.ffn);
+            add_to(&mut x, &self.reduce(layer.down.forward(&act, n)?)?);
         }
         let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
-            return Ok(StageOutput::Hidden(x.flatten_all()?.to_vec1::<f32>()?));
+            return Ok(StageOutput::Hidden(x));
         };
         if logit_rows.is_empty() {
             return Ok(StageOutput::Logits(Vec::new()));
         }
-        let idx = Tensor::from_vec(logit_rows.clone(), logit_rows.len(), &Device::Cpu)?;
-        let last = x.index_select(&idx, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, norm, eps)?;
-        let logits = lm_head.forward(&last)?;
+        let m = logit_rows.len();
+        let mut last = Vec::with_capacity(m * cfg.hidden);
+        for &r in &logit_rows {
+            let r = r as usize;
+            last.extend_from_slice(&x[r * cfg.hidden..(r + 1) * cfg.hidden]);
+        }
+        let logits = lm_head.forward(&rms_norm(&last, norm, eps), m)?;
         let Some((comm, group)) = self.tensor_group() else {
-            return Ok(StageOutput::Logits(logits.to_vec2::<f32>()?));
+            let width = logits.len() / m;
+            return Ok(StageOutput::Logits(
+                logits.chunks_exact(width).map(<[f32]>::to_vec).collect(),
+            ));
         };
         // Each rank scored its slice of the vocabulary: gather the slices and lay them side by
         // side for every row.
-        let m = logit_rows.len();
-        let gathered = comm.all_gather(group, &logits.flatten_all()?.to_vec1::<f32>()?)?;
+        let gathered = comm.all_gather(group, &logits)?;
         let mut out = vec![Vec::with_capacity(cfg.vocab); m];
         let mut offset = 0;
         for t in 0..self.shard.tp {
@@ -583,7 +582,7 @@ impl LlamaModel {
 
     /// Embedding rows of `ids`; with tensor parallelism each rank fills the rows of its
     /// vocabulary slice and the all-reduce completes the others.
-    fn embed(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
+    fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
         let hidden = self.config.hidden;
         let mut x = vec![0.0f32; ids.len() * hidden];
         for (row, &id) in x.chunks_mut(hidden).zip(ids) {
@@ -596,17 +595,54 @@ impl LlamaModel {
         if let Some((comm, group)) = self.tensor_group() {
             comm.all_reduce_sum(group, &mut x)?;
         }
-        Ok(Tensor::from_vec(x, (ids.len(), hidden), &Device::Cpu)?)
+        Ok(x)
     }
 
     /// Sums a row-parallel projection's partial results over the stage's tensor ranks.
-    fn reduce(&self, partial: Tensor) -> Result<Tensor, ModelError> {
-        let Some((comm, group)) = self.tensor_group() else {
-            return Ok(partial);
-        };
-        let shape = partial.shape().clone();
-        let mut v = partial.flatten_all()?.to_vec1::<f32>()?;
-        comm.all_reduce_sum(group, &mut v)?;
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    fn reduce(&self, mut partial: Vec<f32>) -> Result<Vec<f32>, ModelError> {
+        if let Some((comm, group)) = self.tensor_group() {
+            comm.all_reduce_sum(group, &mut partial)?;
+        }
+        Ok(partial)
+    }
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()` values), times `w`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(w.len()).zip(x.chunks_exact(w.len())) {
+        let ms = r.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(r).zip(w) {
+            *o = v * inv * w;
+        }
+    }
+    out
+}
+
+/// SiLU(gate) · up for rows laid out as `[gate (ffn) | up (ffn)]`.
+fn swiglu(gu: &[f32], ffn: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gu.len() / 2];
+    let row = |(o, r): (&mut [f32], &[f32])| {
+        let (gate, up) = r.split_at(ffn);
+        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    };
+    if out.len() >= 1 << 14 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(ffn)
+            .zip(gu.par_chunks(2 * ffn))
+            .for_each(row);
+    } else {
+        out.chunks_mut(ffn).zip(gu.chunks(2 * ffn)).for_each(row);
+    }
+    out
+}
+
+/// `x += y`, elementwise.
+fn add_to(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }

@@ -1,18 +1,26 @@
 //! Weight formats on load: keep what the file stores, widen to f32, or quantize.
 //!
-//! On x86 CPUs candle has AVX2 dot products for Q4_0, Q8_0 and the k-quants, and tiled kernels
-//! for Q4K/Q6K only when the inner dimension is a multiple of 256. Every quantized matmul also
-//! rounds its input activations to 8 bits. Measured on the 135M SmolLM2 (hidden size 576, so no
-//! tiled kernels): f32 weights decode as fast as Q8_0 at batch 1, 1.7× faster at batch 16, and
-//! reproduce the unquantized reference outputs, while 8-bit activations change greedy answers.
-//! So `auto` widens weights to f32 when that costs at most [`AUTO_F32_LIMIT`] bytes; above it,
-//! it keeps fast stored formats and re-quantizes slow ones (Q4_1, Q5_x: scalar paths) to Q8_0.
+//! `int8` runs llmo's own W8A8 kernel ([`super::int8`]): on CPUs with AVX-512 VNNI it multiplies
+//! 3–4× faster than f32 at prefill batch sizes and 5–10× at decode on the 135M SmolLM2
+//! (`cargo run --release -p llmo-serve --example int8_bench`), with perplexity equal to f32's.
+//! candle's quantized kernels (Q4_0, Q8_0, the k-quants; AVX2 dot products, tiled only when the
+//! inner dimension is a multiple of 256) are slower than f32 at batch sizes above one on such
+//! shapes, and they too round activations to 8 bits.
+//!
+//! Rounding activations to 8 bits is not free on a small model: SmolLM2-135M's greedy answer to
+//! "What is the capital of France?" is "Paris" with f32 arithmetic, and "L'Étoile, …" both with
+//! `int8` and with llama.cpp's own Q4_1 × Q8_1 kernels on the same file. Perplexity on the test
+//! text stays within 1–2 % of f32's. So `auto` widens weights to f32, which reproduces the
+//! file's outputs, when that costs at most [`AUTO_F32_LIMIT`] bytes, and `int8` is the choice
+//! for speed. Above the limit `auto` keeps fast stored formats and re-quantizes slow ones (Q4_1,
+//! Q5_x: scalar paths) to Q8_0, to keep the footprint of 4-bit files.
 
 use std::str::FromStr;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::int8::Int8Matrix;
 use super::ModelError;
 
 /// Largest f32 weight footprint that `auto` accepts.
@@ -29,7 +37,8 @@ pub enum Quantization {
     F32,
     F16,
     Bf16,
-    /// Q8_0: 8-bit blocks of 32 with one f16 scale.
+    /// 8-bit weights with one scale per output row, multiplied with 8-bit activations
+    /// (see [`super::int8`]).
     Int8,
     /// Q4_0: 4-bit blocks of 32 with one f16 scale.
     Int4,
@@ -96,7 +105,8 @@ pub fn target_dtype(q: Quantization, stored: GgmlDType, k: usize) -> Option<Ggml
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
             other => Some(other),
         },
-        Quantization::Int8 => Some(GgmlDType::Q8_0),
+        // Widened here, then packed by [`Linear::new`] for the W8A8 kernel.
+        Quantization::Int8 => None,
         Quantization::Int4 => Some(GgmlDType::Q4_0),
         Quantization::Q4K if kquant_ok => Some(GgmlDType::Q4K),
         Quantization::Q6K if kquant_ok => Some(GgmlDType::Q6K),
@@ -119,11 +129,27 @@ pub enum Linear {
     Dense {
         wt: Tensor,
     },
+    /// 8-bit weights for the W8A8 kernel.
+    Int8(Int8Matrix),
 }
 
 impl Linear {
-    pub fn new(m: QMatMul) -> Result<Self, ModelError> {
+    /// Converts a loaded weight into its run form for `q`.
+    pub fn from_weight(w: QTensor, q: Quantization) -> Result<Self, ModelError> {
+        Self::new(to_matmul(w, q)?, q)
+    }
+
+    /// The run form of a weight from [`to_matmul`] for `q`.
+    pub fn new(m: QMatMul, q: Quantization) -> Result<Self, ModelError> {
         Ok(match m {
+            QMatMul::Tensor(w) if q == Quantization::Int8 => {
+                let (n, k) = w.dims2()?;
+                let v = w
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Self::Int8(Int8Matrix::quantize(&v, n, k))
+            }
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => Self::Dense {
                 wt: w.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?,
             },
@@ -131,11 +157,15 @@ impl Linear {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(match self {
-            Self::Quantized(q) => candle_core::Module::forward(q, x)?,
-            Self::Dense { wt } => x.matmul(wt)?,
-        })
+    /// `x · Wᵀ` for `m` rows of input (row-major); returns `m` rows of output.
+    pub fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>, ModelError> {
+        let input = || Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu);
+        let y = match self {
+            Self::Int8(w) => return Ok(w.matmul(x, m)),
+            Self::Quantized(q) => candle_core::Module::forward(q, &input()?)?,
+            Self::Dense { wt } => input()?.matmul(wt)?,
+        };
+        Ok(y.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// Bytes the weight occupies.
@@ -143,6 +173,7 @@ impl Linear {
         match self {
             Self::Quantized(m) => matmul_bytes(m),
             Self::Dense { wt } => wt.elem_count() * wt.dtype().size_in_bytes(),
+            Self::Int8(w) => w.bytes(),
         }
     }
 }
