@@ -12,9 +12,10 @@ LLMO="${LLMO_SERVE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/llmo-serve}"
 LLAMA="${LLAMA_SERVER:-$("$HERE/build-llama-server.sh")}"
 TRACE="${TRACE:-$ROOT/data/azure-2023-conv.csv}"
 LEVELS="${LEVELS:-1 4 16}"
-# llmo-serve's weight formats to run: `auto` (f32 for this model: the file's exact outputs) and
-# `int8` (the W8A8 kernel: 8-bit activations, as llama.cpp's Q4_1 × Q8_1 dot products).
-QUANTS="${QUANTS:-auto int8}"
+# llmo-serve's weight formats to run: `auto` (f32 for this model: the file's exact outputs),
+# `int8` (the W8A8 kernel) and `int4` (the W4A8 kernel on the file's own Q4_1 blocks, as
+# llama.cpp runs them); both round activations to 8 bits, as llama.cpp's Q4_1 × Q8_1 does.
+QUANTS="${QUANTS:-auto int8 int4}"
 for b in "$LLMO" "$LLAMA"; do
     [[ -x "$b" ]] || { echo "missing binary $b (cargo build --release -p llmo-serve; bench/build-llama-server.sh)" >&2; exit 1; }
 done

@@ -1,5 +1,5 @@
 //! Matmul speed of the weight formats on the shapes of SmolLM2-135M, against f32 in the same run:
-//! f32 (candle's GEMM), candle's Q8_0 and llmo's W8A8 kernel, for a few batch sizes.
+//! f32 (candle's GEMM), candle's Q8_0, and llmo's W8A8 and W4A8 kernels, for a few batch sizes.
 //!
 //! `cargo run --release -p llmo-serve --example int8_bench -- [threads]`
 
@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+use llmo_serve::model::int4::Int4Matrix;
 use llmo_serve::model::int8::Int8Matrix;
 
 fn time(mut f: impl FnMut()) -> f64 {
@@ -37,14 +38,17 @@ fn main() {
         ("down", 576, 1536),
         ("lm_head", 49152, 576),
     ];
-    println!("| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time | int4 ÷ f32 time |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, n, k) in shapes {
         let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
         let wt = w.t().unwrap().contiguous().unwrap();
         let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
         let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let i8m = Int8Matrix::quantize(&wv, n, k);
+        let i4m = Int4Matrix::quantize(&wv, n, k);
         for m in [1usize, 16, 256] {
             if name == "lm_head" && m == 256 {
                 continue;
@@ -60,11 +64,15 @@ fn main() {
             let i = time(|| {
                 i8m.matmul(&xv, m);
             });
+            let i4 = time(|| {
+                i4m.matmul(&xv, m);
+            });
             let gflops = 2.0 * (m * n * k) as f64 / f / 1e9;
             println!(
-                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} |",
+                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} | {:.2} |",
                 q / f,
-                i / f
+                i / f,
+                i4 / f
             );
         }
     }

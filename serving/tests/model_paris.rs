@@ -54,11 +54,18 @@ async fn greedy_completion_matches_reference_start() {
     assert!(text.starts_with(", the city of"), "continuation: {text:?}");
 }
 
-/// The W8A8 kernel rounds each input row on its own, so a request's greedy text does not depend
-/// on the other rows in its steps: prompts of different lengths prefill and decode together.
+/// The W8A8 and W4A8 kernels round each input row on its own, so a request's greedy text does
+/// not depend on the other rows in its steps: prompts of different lengths prefill and decode
+/// together.
 #[tokio::test]
-async fn int8_requests_in_one_batch_match_each_alone() {
-    let e = engine(Quantization::Int8);
+async fn int8_and_int4_requests_in_one_batch_match_each_alone() {
+    for q in [Quantization::Int8, Quantization::Int4] {
+        batched_matches_alone(q).await;
+    }
+}
+
+async fn batched_matches_alone(q: Quantization) {
+    let e = engine(q);
     let prompts: Vec<Vec<u32>> = [
         "Once upon a time",
         "The river begins as a thin stream of melted snow high in the mountains.",
@@ -77,6 +84,6 @@ async fn int8_requests_in_one_batch_match_each_alone() {
     let together =
         futures::future::join_all(prompts.iter().map(|p| common::generate(&e, p.clone(), 20)))
             .await;
-    assert_eq!(together, alone);
-    assert!(alone.iter().all(|t| !t.trim().is_empty()), "{alone:?}");
+    assert_eq!(together, alone, "{q}");
+    assert!(alone.iter().all(|t| !t.trim().is_empty()), "{q}: {alone:?}");
 }

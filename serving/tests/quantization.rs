@@ -29,7 +29,7 @@ fn quantized_formats_stay_close_to_f32() {
         (Quantization::Int8, 1.05),
         (Quantization::Stored, 1.05),
         (Quantization::Q6K, 1.10),
-        (Quantization::Int4, 1.60),
+        (Quantization::Int4, 1.05),
     ] {
         let m = load(&path, q, 512, 1).unwrap();
         let p = perplexity(&m);

@@ -79,10 +79,90 @@ impl std::fmt::Debug for Int8Matrix {
     }
 }
 
-/// Activations quantized for one matmul: `[row][kp]` offset by 128, `[row][block]` scales.
-struct Acts {
-    q: Vec<u8>,
-    s: Vec<f32>,
+/// Activations quantized for one matmul: `[row][kp]` (plus an offset), `[row][block]` scales.
+pub(super) struct Acts {
+    pub(super) q: Vec<u8>,
+    pub(super) s: Vec<f32>,
+}
+
+/// Quantizes `m` rows of `k` inputs into rows of `kp` bytes (`offset` added: 128 gives the u8
+/// operand of `vpdpbusd`, 0 the i8 one as two's complement), one scale per block.
+pub(super) fn quantize_acts(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kp: usize,
+    offset: u8,
+) -> Acts {
+    let nb = kp / BLOCK;
+    let mut q = vec![offset; m * kp];
+    let mut s = vec![0f32; m * nb];
+    let quantize = |(r, (qr, sr)): (usize, (&mut [u8], &mut [f32]))| {
+        quantize_row(kernel, &x[r * k..(r + 1) * k], qr, sr, offset);
+    };
+    if m >= 32 && rayon::current_num_threads() > 1 {
+        q.par_chunks_mut(kp)
+            .zip(s.par_chunks_mut(nb))
+            .enumerate()
+            .for_each(quantize);
+    } else {
+        q.chunks_mut(kp)
+            .zip(s.chunks_mut(nb))
+            .enumerate()
+            .for_each(quantize);
+    }
+    Acts { q, s }
+}
+
+/// Runs `tile(r0, mr, p0, nj, out, np)` over every tile of at most [`MR`] rows × `nj_max`
+/// panels of an `m × n` product, in parallel over panel groups when the work is large enough,
+/// and returns the product row-major. `out` points at the tile's first output; rows are `np`
+/// floats apart. Tiles write disjoint parts of the buffer.
+pub(super) fn run_tiles(
+    m: usize,
+    n: usize,
+    k: usize,
+    panels: usize,
+    nj_max: usize,
+    tile: impl Fn(usize, usize, usize, usize, *mut f32, usize) + Sync,
+) -> Vec<f32> {
+    let np = panels * LANES;
+    let mut out = vec![0f32; m * np];
+    let dst = SharedOut(out.as_mut_ptr());
+    let run = |g: usize| {
+        let dst = &dst;
+        let p0 = g * nj_max;
+        let nj = nj_max.min(panels - p0);
+        let mut r0 = 0;
+        while r0 < m {
+            let mr = MR.min(m - r0);
+            // Safety: the offset is inside `out` (`r0 < m`, `p0 < panels`).
+            tile(
+                r0,
+                mr,
+                p0,
+                nj,
+                unsafe { dst.0.add(r0 * np + p0 * LANES) },
+                np,
+            );
+            r0 += mr;
+        }
+    };
+    let groups = panels.div_ceil(nj_max);
+    if rayon::current_num_threads() > 1 && m * n * k >= 1 << 16 {
+        (0..groups).into_par_iter().for_each(run);
+    } else {
+        (0..groups).for_each(run);
+    }
+    if np != n {
+        out = out
+            .chunks_exact(np)
+            .flat_map(|r| &r[..n])
+            .copied()
+            .collect();
+    }
+    out
 }
 
 impl Int8Matrix {
@@ -104,7 +184,7 @@ impl Int8Matrix {
         let kernel = Kernel::best();
         for (o, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
             let (p, lane) = (o / LANES, o % LANES);
-            quantize_row(kernel, row, &mut q, &mut s);
+            quantize_row(kernel, row, &mut q, &mut s, 128);
             for (b, &sb) in s.iter().enumerate() {
                 let at = (p * nb + b) * LANES + lane;
                 scale[at] = sb;
@@ -158,61 +238,18 @@ impl Int8Matrix {
         if m == 0 || self.n == 0 {
             return vec![0.0; m * self.n];
         }
-        let acts = self.quantize_acts(kernel, x, m);
-        let np = self.panels * LANES;
-        let mut out = vec![0f32; m * np];
-        let groups = self.panels.div_ceil(NJ);
-        let dst = SharedOut(out.as_mut_ptr());
-        let run = |g: usize| {
-            let dst = &dst;
-            let p0 = g * NJ;
-            let nj = NJ.min(self.panels - p0);
-            let mut r0 = 0;
-            while r0 < m {
-                let mr = MR.min(m - r0);
-                // Safety: each (row tile, panel group) writes only its own part of `out`,
-                // which outlives the scope; indices are within `m × np`.
-                unsafe { self.tile(kernel, &acts, r0, mr, p0, nj, dst.0, np) };
-                r0 += mr;
-            }
-        };
-        let work = m * self.n * self.k;
-        if rayon::current_num_threads() > 1 && work >= 1 << 16 {
-            (0..groups).into_par_iter().for_each(run);
-        } else {
-            (0..groups).for_each(run);
-        }
-        if np != self.n {
-            out = out
-                .chunks_exact(np)
-                .flat_map(|r| &r[..self.n])
-                .copied()
-                .collect();
-        }
-        out
-    }
-
-    fn quantize_acts(&self, kernel: Kernel, x: &[f32], m: usize) -> Acts {
-        let nb = self.kp / BLOCK;
-        let mut q = vec![128u8; m * self.kp];
-        let mut s = vec![0f32; m * nb];
-        let k = self.k;
-        let quantize_row = |(r, (qr, sr)): (usize, (&mut [u8], &mut [f32]))| {
-            quantize_row(kernel, &x[r * k..(r + 1) * k], qr, sr);
-        };
-        let rows = q
-            .par_chunks_mut(self.kp)
-            .zip(s.par_chunks_mut(nb))
-            .enumerate();
-        if m >= 32 && rayon::current_num_threads() > 1 {
-            rows.for_each(quantize_row);
-        } else {
-            q.chunks_mut(self.kp)
-                .zip(s.chunks_mut(nb))
-                .enumerate()
-                .for_each(quantize_row);
-        }
-        Acts { q, s }
+        let acts = quantize_acts(kernel, x, m, self.k, self.kp, 128);
+        run_tiles(
+            m,
+            self.n,
+            self.k,
+            self.panels,
+            NJ,
+            |r0, mr, p0, nj, out, np| {
+                // Safety: `run_tiles` hands each call its own rows × panels of `out`.
+                unsafe { self.tile(kernel, &acts, r0, mr, p0, nj, out, np) }
+            },
+        )
     }
 
     /// Computes rows `r0..r0 + mr` × panels `p0..p0 + nj` into `out` (`np` floats per row).
@@ -234,7 +271,6 @@ impl Int8Matrix {
         let w = self.w.as_ptr().add(p0 * LANES * self.kp);
         let corr = self.corr.as_ptr().add(p0 * nb * LANES);
         let scale = self.scale.as_ptr().add(p0 * nb * LANES);
-        let out = out.add(r0 * np + p0 * LANES);
         let t = Tile {
             a,
             sa,
@@ -270,36 +306,36 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
 
-/// Quantizes a row block by block into `q` (offset by 128) and `s` (one scale per block).
-fn quantize_row(kernel: Kernel, x: &[f32], q: &mut [u8], s: &mut [f32]) {
+/// Quantizes a row block by block into `q` (plus `offset`) and `s` (one scale per block).
+pub(super) fn quantize_row(kernel: Kernel, x: &[f32], q: &mut [u8], s: &mut [f32], offset: u8) {
     let full = x.len() / BLOCK;
     match kernel {
         // Safety: the CPU has the kernel's features (`Kernel::best`).
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { vnni::quantize_blocks(&x[..full * BLOCK], q, s) },
+        Kernel::Avx512Vnni => unsafe { vnni::quantize_blocks(&x[..full * BLOCK], q, s, offset) },
         _ => {
             let blocks = x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK));
             for (sb, (xb, qb)) in s.iter_mut().zip(blocks) {
-                *sb = quantize_block(xb, qb);
+                *sb = quantize_block(xb, qb, offset);
             }
         }
     }
     if full * BLOCK < x.len() {
         let tail = full * BLOCK..x.len();
-        s[full] = quantize_block(&x[tail.clone()], &mut q[tail]);
+        s[full] = quantize_block(&x[tail.clone()], &mut q[tail], offset);
     }
 }
 
-/// Quantizes one block to `q` (offset by 128) and returns its scale.
-fn quantize_block(x: &[f32], q: &mut [u8]) -> f32 {
+/// Quantizes one block to `q` (plus `offset`, wrapping) and returns its scale.
+fn quantize_block(x: &[f32], q: &mut [u8], offset: u8) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
-        q.fill(128);
+        q.fill(offset);
         return 0.0;
     }
     let inv = 127.0 / amax;
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        *q = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + offset as i32) as u8;
     }
     amax / 127.0
 }
@@ -356,15 +392,16 @@ mod vnni {
     /// Quantizes whole blocks of `x` as [`super::quantize_block`] does, bit for bit: the
     /// maximum is exact in any order and the conversion rounds to nearest even.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [u8], s: &mut [f32]) {
-        let offset = _mm512_set1_epi32(128);
+    pub(super) unsafe fn quantize_blocks(x: &[f32], q: &mut [u8], s: &mut [f32], offset: u8) {
+        let fill = offset;
+        let offset = _mm512_set1_epi32(offset as i32);
         for (b, (xb, sb)) in x.chunks_exact(BLOCK).zip(s.iter_mut()).enumerate() {
             let lo = _mm512_loadu_ps(xb.as_ptr());
             let hi = _mm512_loadu_ps(xb.as_ptr().add(16));
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
             let dst = q.as_mut_ptr().add(b * BLOCK);
             if amax == 0.0 {
-                std::ptr::write_bytes(dst, 128, BLOCK);
+                std::ptr::write_bytes(dst, fill, BLOCK);
                 *sb = 0.0;
                 continue;
             }

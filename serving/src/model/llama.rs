@@ -308,7 +308,7 @@ impl LlamaModel {
             let head = load_rows(g, head_name, vocab_part.clone())?;
             (
                 Some(load_vec(g, "output_norm.weight", 0..cfg.hidden)?),
-                Some(Linear::from_weight(head, q)?),
+                Some(Linear::from_weight(head, q.for_lm_head())?),
             )
         } else {
             (None, None)

@@ -6,6 +6,7 @@ pub mod config;
 pub mod gguf;
 pub mod hf;
 pub mod hub;
+pub mod int4;
 pub mod int8;
 pub mod llama;
 pub mod quant;
