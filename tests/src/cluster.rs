@@ -110,7 +110,8 @@ impl ControlPlane {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}; last: {text}"
+                "timed out waiting for {what}; last: {text}{}",
+                self.operator_logs()
             );
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -148,18 +149,52 @@ impl ControlPlane {
     }
 
     /// Starts `llmo-operator ARGS` against this control plane; it stops when the guard drops.
+    /// Its log (info level) goes to a file of this control plane's directory, and a timed-out
+    /// [`Self::eventually`] shows the end of it.
     pub fn spawn_operator(&self, args: &[&str]) -> KillOnDrop {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let log = self.dir.path().join(format!(
+            "operator-{}.log",
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).expect("the state directory is writable");
         KillOnDrop(
             Command::new(workspace_binary("llmo-operator"))
                 .args(args)
                 .env("KUBECONFIG", &self.kubeconfig)
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", "info")
                 .current_dir(repo_root())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(file)
                 .spawn()
                 .expect("llmo-operator starts"),
         )
+    }
+
+    /// The last lines of every operator log of this control plane, for a failure message.
+    fn operator_logs(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("operator-") && n.ends_with(".log"))
+        });
+        logs.sort();
+        let mut out = String::new();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            out.push_str(&format!(
+                "\n--- {} (last {} lines)\n{}",
+                p.display(),
+                tail.len(),
+                tail.join("\n")
+            ));
+        }
+        out
     }
 
     /// Applies a YAML manifest (written to a file of this control plane's directory).

@@ -67,7 +67,7 @@ fn the_operator_runs_a_deployment_through_its_life() {
         ],
         |t| !t.starts_with('/'),
     );
-    assert_eq!(layout, "1x1/int4");
+    assert_eq!(layout, "1x1/bf16");
     let svcs = plane.ok(&[
         "get",
         "svc",

@@ -40,11 +40,14 @@ fn deployment(class: &str, tensor: u32, pipeline: u32) -> ModelDeployment {
     .unwrap()
     .replace("tensor: 1", &format!("tensor: {tensor}"))
     .replace("pipeline: 1", &format!("pipeline: {pipeline}"))
-    .replace("class: cpu", &format!("class: {class}"))
-    // bf16, which CPUs widen to f32: a tensor-parallel group then differs from one process
-    // only in the order of partial sums (4-bit weights also round each matmul's input to 8 bits,
-    // which makes greedy text comparisons brittle; serving/tests/parallel.rs bounds those).
-    .replace("quantization: int4", "quantization: bf16");
+    .replace("class: cpu", &format!("class: {class}"));
+    // The example serves bf16, which CPUs widen to f32: a tensor-parallel group then differs
+    // from one process only in the order of partial sums (8-bit activations would make greedy
+    // text comparisons brittle; serving/tests/parallel.rs bounds those).
+    assert!(
+        text.contains("quantization: bf16"),
+        "the example's precision changed"
+    );
     let Manifest::ModelDeployment(mut md) = parse_manifests(&text).remove(0).unwrap() else {
         panic!("not a ModelDeployment")
     };
