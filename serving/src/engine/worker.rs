@@ -175,10 +175,16 @@ impl Worker {
     fn drop_cancelled(&mut self) {
         let mut gone = self.sched.remove_running(|s| s.data.req.events.is_closed());
         gone.extend(self.sched.remove_waiting(|s| s.data.req.events.is_closed()));
+        if gone.is_empty() {
+            return;
+        }
+        // Gauges before the counter: a scrape that sees the cancellation counted also sees the
+        // sequence gone from the running count and its blocks back in the cache.
+        self.update_gauges();
         for s in gone {
             tracing::info!(request = %s.data.req.id, generated = s.generated().len(), "client disconnected; sequence freed");
-            self.metrics.count_request(outcome::CANCELLED);
             self.release(&s.data);
+            self.metrics.count_request(outcome::CANCELLED);
         }
     }
 
