@@ -342,22 +342,8 @@ mod vnni {
 
 #[cfg(test)]
 mod tests {
+    use super::super::int8::tests::{data, fake_quant};
     use super::*;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..len)
-            .map(|i| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                let v = (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;
-                if i % 97 == 0 {
-                    v * 8.0
-                } else {
-                    v
-                }
-            })
-            .collect()
-    }
 
     /// The weights a matrix stands for, widened back (`d · q + m`), row-major.
     fn widen(w: &Int4Matrix) -> Vec<f32> {
@@ -376,24 +362,6 @@ mod tests {
         out
     }
 
-    /// Activations rounded as the kernel rounds them, widened back.
-    fn rounded_acts(x: &[f32], k: usize) -> Vec<f32> {
-        x.chunks(k)
-            .flat_map(|row| {
-                row.chunks(BLOCK).flat_map(|b| {
-                    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    b.iter().map(move |&v| {
-                        if amax == 0.0 {
-                            0.0
-                        } else {
-                            (v * (127.0 / amax)).round_ties_even() * (amax / 127.0)
-                        }
-                    })
-                })
-            })
-            .collect()
-    }
-
     #[test]
     fn computes_the_quantized_product_and_stays_near_f32() {
         for &(m, n, k) in &[(1, 16, 32), (5, 50, 70), (9, 200, 576), (6, 33, 96)] {
@@ -401,11 +369,12 @@ mod tests {
             let x = data(m * k, 2);
             let q = Int4Matrix::quantize(&w, n, k);
             let got = q.matmul(&x, m);
-            let (wq, xq) = (widen(&q), rounded_acts(&x, k));
+            let wq = widen(&q);
+            let xq: Vec<f64> = x.chunks(k).flat_map(|r| fake_quant(r, BLOCK)).collect();
             let mut err = (0f64, 0f64, 0f64);
             for r in 0..m {
                 for o in 0..n {
-                    let exact: f64 = (0..k).map(|i| (xq[r * k + i] * wq[o * k + i]) as f64).sum();
+                    let exact: f64 = (0..k).map(|i| xq[r * k + i] * wq[o * k + i] as f64).sum();
                     let f: f64 = (0..k).map(|i| (x[r * k + i] * w[o * k + i]) as f64).sum();
                     let g = got[r * n + o] as f64;
                     err.0 += (g - exact).powi(2);

@@ -461,10 +461,10 @@ mod vnni {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
+    pub(in crate::model) fn data(len: usize, seed: u32) -> Vec<f32> {
         // A small LCG: reproducible values in [-1, 1) with a few larger outliers.
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..len)
@@ -491,7 +491,7 @@ mod tests {
     }
 
     /// Rounds like the kernel: one scale per row and block.
-    fn fake_quant(v: &[f32], group: usize) -> Vec<f64> {
+    pub(in crate::model) fn fake_quant(v: &[f32], group: usize) -> Vec<f64> {
         v.chunks(group)
             .flat_map(|g| {
                 let amax = g.iter().fold(0f32, |m, x| m.max(x.abs()));

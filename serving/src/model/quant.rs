@@ -183,19 +183,11 @@ impl Linear {
                 Self::Int4(m)
             }
             QMatMul::Tensor(w) if q == Quantization::Int4 => {
-                let (n, k) = w.dims2()?;
-                let v = w
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                let (n, k, v) = f32_matrix(&w)?;
                 Self::Int4(Int4Matrix::quantize(&v, n, k))
             }
             QMatMul::Tensor(w) if q == Quantization::Int8 => {
-                let (n, k) = w.dims2()?;
-                let v = w
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                let (n, k, v) = f32_matrix(&w)?;
                 Self::Int8(Int8Matrix::quantize(&v, n, k))
             }
             QMatMul::Tensor(w) | QMatMul::TensorF16(w) => Self::Dense {
@@ -226,6 +218,16 @@ impl Linear {
             Self::Int4(w) => w.bytes(),
         }
     }
+}
+
+/// A matrix's rows, columns and values as row-major f32, for the int8/int4 packers.
+fn f32_matrix(w: &Tensor) -> Result<(usize, usize, Vec<f32>), ModelError> {
+    let (n, k) = w.dims2()?;
+    let v = w
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((n, k, v))
 }
 
 /// Converts a loaded weight into the matmul form for `q`.
