@@ -164,7 +164,8 @@ impl ControlPlane {
                 .env("KUBECONFIG", &self.kubeconfig)
                 .env("RUST_LOG", "info")
                 .current_dir(repo_root())
-                .stdout(Stdio::null())
+                // The log goes to stdout (as pod logs expect); panics go to stderr.
+                .stdout(file.try_clone().expect("the log file can be shared"))
                 .stderr(file)
                 .spawn()
                 .expect("llmo-operator starts"),
@@ -172,10 +173,16 @@ impl ControlPlane {
     }
 
     /// The last lines of every operator log of this control plane, for a failure message.
-    fn operator_logs(&self) -> String {
-        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
+    pub fn operator_logs(&self) -> String {
+        // `spawn_operator` logs beside the control plane, `spawn_operator_as` in its state dir.
+        let mut logs: Vec<PathBuf> = [self.dir.path().to_path_buf(), self.dir.path().join("state")]
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flat_map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         logs.retain(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())

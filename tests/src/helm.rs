@@ -115,7 +115,8 @@ impl ControlPlane {
 
     /// Starts `llmo-operator ARGS` with `kubeconfig`; its log goes to `<state>/<log>.log`.
     pub fn spawn_operator_as(&self, kubeconfig: &Path, log: &str, args: &[&str]) -> KillOnDrop {
-        let log_path = self.state_dir().join(format!("{log}.log"));
+        // Named like `spawn_operator`'s logs, so a failure message shows them too.
+        let log_path = self.state_dir().join(format!("operator-{log}.log"));
         let file = std::fs::File::create(&log_path).expect("a log file");
         KillOnDrop(
             Command::new(workspace_binary("llmo-operator"))
@@ -123,7 +124,8 @@ impl ControlPlane {
                 .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info")
                 .current_dir(repo_root())
-                .stdout(Stdio::null())
+                // The log goes to stdout (as pod logs expect); panics go to stderr.
+                .stdout(file.try_clone().expect("the log file can be shared"))
                 .stderr(file)
                 .spawn()
                 .expect("llmo-operator starts"),

@@ -55,8 +55,14 @@ fn mark_ready_if_present(plane: &ControlPlane, pod: &str) {
     );
 }
 
-/// Polls `f` every 200 ms until it returns Some, for at most `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+/// Polls `f` every 200 ms until it returns Some, for at most `limit`; a timeout shows the
+/// operators' logs.
+fn wait_for<T>(
+    plane: &ControlPlane,
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -64,7 +70,8 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(
             start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
+            "timed out after {limit:?} waiting for {what}{}",
+            plane.operator_logs()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -193,7 +200,7 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
         ],
         |t| t == "cpu",
     );
-    let (holder, _) = wait_for("the lease", Duration::from_secs(30), || {
+    let (holder, _) = wait_for(&plane, "the lease", Duration::from_secs(30), || {
         Some(lease_holder(&plane, NS)).filter(|h| !h.is_empty())
     });
     assert_eq!(holder, "op-0");
@@ -262,7 +269,7 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
     );
 
     // Its own endpoints answer.
-    let body = http_get(&metrics, "/metrics");
+    let body = http_get(&plane, &metrics, "/metrics");
     assert!(
         body.contains("llmo_operator_reconciles_total{result=\"ok\"}"),
         "{body}"
@@ -272,7 +279,7 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
         body.contains("llmo_operator_api_requests_total{verb=\"patch\",resource=\"pods\"}"),
         "{body}"
     );
-    assert!(http_get(&metrics, "/readyz").contains("ready"));
+    assert!(http_get(&plane, &metrics, "/readyz").contains("ready"));
 
     // Deleting the deployment removes what it made; uninstalling keeps the CRDs (crds.keep).
     plane.ok(&["delete", "md", "smollm2"]);
@@ -295,7 +302,7 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left: Vec<String> = http_get(&metrics, "/metrics")
+        let left: Vec<String> = http_get(&plane, &metrics, "/metrics")
             .lines()
             .filter(|l| l.contains("deployment=\"smollm2\""))
             .map(str::to_owned)
@@ -316,11 +323,14 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
 }
 
 /// A plain HTTP/1.0 GET, enough for the operator's own endpoints.
-fn http_get(addr: &str, path: &str) -> String {
+fn http_get(plane: &ControlPlane, addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
-    let (mut stream, _) = wait_for("the metrics endpoint", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(addr).ok()
-    });
+    let (mut stream, _) = wait_for(
+        plane,
+        "the metrics endpoint",
+        Duration::from_secs(20),
+        || std::net::TcpStream::connect(addr).ok(),
+    );
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request sent");
     let mut body = String::new();
     stream.read_to_string(&mut body).expect("response read");
@@ -343,7 +353,7 @@ fn a_standby_takes_over_when_the_leader_dies_and_at_once_when_it_steps_down() {
         .iter()
         .map(|id| ((*id).to_owned(), Some(spawn(id))))
         .collect();
-    let (first, _) = wait_for("a leader", Duration::from_secs(30), || {
+    let (first, _) = wait_for(&plane, "a leader", Duration::from_secs(30), || {
         Some(lease_holder(&plane, "default")).filter(|h| !h.is_empty())
     });
 
@@ -351,7 +361,7 @@ fn a_standby_takes_over_when_the_leader_dies_and_at_once_when_it_steps_down() {
     let leader = replicas.iter_mut().find(|(id, _)| *id == first).unwrap();
     let killed_at = Instant::now();
     drop(leader.1.take());
-    let (second, _) = wait_for("a new leader", Duration::from_secs(30), || {
+    let (second, _) = wait_for(&plane, "a new leader", Duration::from_secs(30), || {
         Some(lease_holder(&plane, "default")).filter(|h| !h.is_empty() && *h != first)
     });
     let takeover = killed_at.elapsed();
@@ -373,10 +383,15 @@ fn a_standby_takes_over_when_the_leader_dies_and_at_once_when_it_steps_down() {
         .status()
         .expect("kill runs");
     assert!(status.success());
-    let (third, _) = wait_for("the last standby to lead", Duration::from_secs(20), || {
-        Some(lease_holder(&plane, "default"))
-            .filter(|h| !h.is_empty() && *h != first && *h != second)
-    });
+    let (third, _) = wait_for(
+        &plane,
+        "the last standby to lead",
+        Duration::from_secs(20),
+        || {
+            Some(lease_holder(&plane, "default"))
+                .filter(|h| !h.is_empty() && *h != first && *h != second)
+        },
+    );
     let handover = stopped_at.elapsed();
     println!(
         "takeover after the leader stepped down: {:.1}s",
