@@ -285,6 +285,7 @@ async fn run_inner(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
+        info!("stop requested: finishing running reconciles, then giving up the lease");
         let _ = stop_tx.send(true);
     });
     let stopped = move || {
@@ -358,9 +359,11 @@ async fn run_inner(
             e
         })
     });
+    // Halting: a stop was asked for, or the lease was lost.
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
-    let stop = async move {
+    let (halt_tx, halt_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             _ = stopped() => {}
             r = lost_rx => {
@@ -369,6 +372,13 @@ async fn run_inner(
                 }
             }
         }
+        let _ = halt_tx.send(true);
+    });
+    let halted = move || {
+        let mut rx = halt_rx.clone();
+        async move {
+            let _ = rx.wait_for(|h| *h).await;
+        }
     };
 
     let mds: Api<ModelDeployment> = Api::all(client.clone());
@@ -376,6 +386,18 @@ async fn run_inner(
     let controller = Controller::new(mds, watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(8));
     let store = controller.store();
+    // kube's controller starts reconciling only once its cache of deployments is filled, and
+    // its graceful stop waits for that start: a stop that came before the first list (say, a
+    // SIGTERM right after winning the lease) would wait forever. So the graceful stop is
+    // passed on only once the cache is filled, or after a bounded wait.
+    let graceful = {
+        let cache = store.clone();
+        let halt = halted();
+        async move {
+            halt.await;
+            let _ = tokio::time::timeout(CACHE_WAIT, cache.wait_until_ready()).await;
+        }
+    };
     let (pods, pod_watch) = watched::<Pod>(&client, managed.clone());
     let (services, service_watch) = watched::<Service>(&client, managed.clone());
     let (nodes, node_watch) = watched::<GPUNode>(&client, watcher::Config::default());
@@ -420,7 +442,7 @@ async fn run_inner(
             let _ = autoscaler_stop.await;
         },
     ));
-    controller
+    let controller = controller
         .owns(Api::<Pod>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed)
         // Capacity changed: deployments still waiting for GPUs may fit now, and those running on
@@ -438,14 +460,25 @@ async fn run_inner(
                     .collect::<Vec<_>>()
             },
         )
-        .graceful_shutdown_on(stop)
+        .graceful_shutdown_on(graceful)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    // Running reconciles get a bounded time to finish, so the lease is always given up within
+    // the pod's termination grace period.
+    tokio::select! {
+        () = controller => info!("controller stopped"),
+        () = async {
+            halted().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => warn!(
+            grace = ?STOP_GRACE,
+            "reconciles still running after the grace period; stopping without them"
+        ),
+    }
     let _ = autoscaler_stop_tx.send(());
     let _ = autoscaler.await;
     metrics.leader.set(0);
@@ -461,6 +494,13 @@ async fn run_inner(
     info!("llmo operator stopped");
     Ok(())
 }
+
+/// After a stop, how long the controller's cache may take to fill before the stop is passed on.
+const CACHE_WAIT: Duration = Duration::from_secs(5);
+
+/// After a stop, how long running reconciles may take to finish. Kubernetes gives a pod 30 s
+/// by default; the lease is released after this.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
