@@ -56,6 +56,7 @@ fn args(seed: u64) -> SimulateArgs {
         seed,
         perf_model: root().join("data/splitwise-perf-model.csv"),
         out: std::env::temp_dir(),
+        sweep: false,
     }
 }
 
@@ -71,6 +72,69 @@ fn the_same_seed_gives_the_same_table() {
         assert_eq!(run.outcomes.len(), 19_366, "{}", run.name);
     }
     let svg = sim::report::svg(&a);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn a_sweep_reproduces_the_defaults_and_buys_attainment_with_gpus() {
+    let setup = sim::Setup::new(&args(3)).unwrap();
+    let defaults = sim::compare(&setup);
+    let points = sim::sweep(&setup);
+    let of = |name: &str| -> Vec<&sim::SweepPoint> {
+        points.iter().filter(|p| p.summary.name == name).collect()
+    };
+    // llmo's policy at the fleet file's utilization (0.8) is the default run, to the bit.
+    let llmo = defaults
+        .summaries
+        .iter()
+        .find(|s| s.name == "llmo-slo")
+        .unwrap();
+    let same = of("llmo-slo")
+        .into_iter()
+        .find(|p| p.setting == "utilization 0.80")
+        .expect("the sweep includes the default setting");
+    assert_eq!(&same.summary, llmo);
+    let oracle = defaults
+        .summaries
+        .iter()
+        .find(|s| s.name == "oracle")
+        .unwrap();
+    let full = of("oracle")
+        .into_iter()
+        .find(|p| p.setting == "utilization 1.00")
+        .expect("the sweep includes the oracle at full capacity");
+    assert_eq!(&full.summary, oracle);
+    // Static provisioning for a lower utilization holds more replicas all the time.
+    let statics = of("static-peak");
+    assert_eq!(statics.len(), 6);
+    for pair in statics.windows(2) {
+        assert!(
+            pair[0].summary.gpu_hours >= pair[1].summary.gpu_hours,
+            "{} then {}",
+            pair[0].setting,
+            pair[1].setting
+        );
+    }
+    // Every strategy is in the comparison at equal attainment, in order.
+    let rows = sim::report::cheapest_at(&points, llmo);
+    let names: Vec<&str> = rows.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "static-peak",
+            "hpa-gpu-util",
+            "keda-queue",
+            "planner-180s",
+            "llmo-slo",
+            "oracle"
+        ]
+    );
+    let table = sim::report::sweep_table(&points, llmo);
+    assert!(
+        table.contains("At equal or better attainment than llmo-slo"),
+        "{table}"
+    );
+    let svg = sim::report::sweep_svg(&points, llmo);
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
 

@@ -27,7 +27,7 @@ use self::{
     scalers::{Knowledge, Scaler},
     trace::Request,
 };
-use crate::autoscale::{PolicyConfig, PolicyState, ScrapeHistory, SignalConfig};
+use crate::autoscale::PolicyConfig;
 
 /// Errors of the simulator.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,11 @@ pub struct SimulateArgs {
     /// Directory for the table, timeline CSV and SVG plot.
     #[arg(long, default_value = "sim-out")]
     pub out: PathBuf,
+    /// Also run each strategy over a range of its main setting (HPA's and the planner's
+    /// utilization target, KEDA's requests per replica, ...) and compare GPU-hours at equal SLO
+    /// attainment: writes sweep.md and sweep.svg.
+    #[arg(long)]
+    pub sweep: bool,
 }
 
 /// Everything one simulation produced.
@@ -107,137 +112,286 @@ pub struct Simulation {
 /// Entry point of the subcommand.
 pub fn main(args: SimulateArgs) -> ExitCode {
     let started = std::time::Instant::now();
-    match simulate(&args) {
-        Ok(sim) => {
-            let table = report::table(&sim);
-            println!("{table}");
-            let written = std::fs::create_dir_all(&args.out)
-                .and_then(|()| std::fs::write(args.out.join("table.md"), &table))
-                .and_then(|()| {
-                    std::fs::write(args.out.join("timeline.csv"), report::timeline_csv(&sim))
-                })
-                .and_then(|()| std::fs::write(args.out.join("timeline.svg"), report::svg(&sim)))
-                .and_then(|()| {
-                    std::fs::write(args.out.join("decisions.csv"), report::decisions_csv(&sim))
-                });
-            if let Err(e) = written {
-                eprintln!("error: {}: {e}", args.out.display());
-                return ExitCode::FAILURE;
-            }
-            println!(
-                "wrote {}/table.md, timeline.csv, timeline.svg in {:.1}s",
-                args.out.display(),
-                started.elapsed().as_secs_f64()
-            );
-            ExitCode::SUCCESS
-        }
+    let setup = match Setup::new(&args) {
+        Ok(setup) => setup,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let sim = compare(&setup);
+    let table = report::table(&sim);
+    println!("{table}");
+    let written = std::fs::create_dir_all(&args.out)
+        .and_then(|()| std::fs::write(args.out.join("table.md"), &table))
+        .and_then(|()| std::fs::write(args.out.join("timeline.csv"), report::timeline_csv(&sim)))
+        .and_then(|()| std::fs::write(args.out.join("timeline.svg"), report::svg(&sim)))
+        .and_then(|()| std::fs::write(args.out.join("decisions.csv"), report::decisions_csv(&sim)));
+    if let Err(e) = written {
+        eprintln!("error: {}: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "wrote {}/table.md, timeline.csv, timeline.svg in {:.1}s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.sweep {
+        let Some(reference) = sim.summaries.iter().find(|s| s.name == "llmo-slo") else {
+            eprintln!("error: the comparison has no llmo-slo run to sweep against");
+            return ExitCode::FAILURE;
+        };
+        let points = sweep(&setup);
+        let text = report::sweep_table(&points, reference);
+        println!("{text}");
+        let written = std::fs::write(args.out.join("sweep.md"), &text).and_then(|()| {
+            std::fs::write(
+                args.out.join("sweep.svg"),
+                report::sweep_svg(&points, reference),
+            )
+        });
+        if let Err(e) = written {
+            eprintln!("error: {}: {e}", args.out.display());
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "wrote {}/sweep.md, sweep.svg in {:.1}s",
+            args.out.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// One strategy at one setting of a sweep.
+#[derive(Debug, Clone)]
+pub struct SweepPoint {
+    /// The setting, in words.
+    pub setting: String,
+    /// How it did.
+    pub summary: Summary,
+}
+
+/// Every strategy over a range of its main setting, in order of strategy then setting: static
+/// provisioning, HPA, KEDA and the planner toward tighter and looser targets, and llmo's policy
+/// at several utilization targets; the oracle too, as a lower bound at each attainment.
+pub fn sweep(setup: &Setup) -> Vec<SweepPoint> {
+    let k = &setup.knowledge;
+    let mut scalers = Vec::new();
+    for u in [0.6, 0.7, 0.8, 0.9, 1.0, 1.1] {
+        scalers.push(Scaler::Static { utilization: u });
+    }
+    for t in [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95] {
+        scalers.push(Scaler::hpa(t));
+    }
+    for f in [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2] {
+        scalers.push(Scaler::keda(f * k.concurrency));
+    }
+    for u in [0.5, 0.6, 0.7, 0.8, 0.9, 1.0] {
+        scalers.push(Scaler::Planner { utilization: u });
+    }
+    for u in [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95] {
+        let cfg = PolicyConfig {
+            utilization_target: u,
+            ..setup.policy.clone()
+        };
+        scalers.push(Scaler::slo(cfg, setup.cold_start));
+    }
+    for u in [0.8, 0.85, 0.9, 0.95, 1.0] {
+        scalers.push(Scaler::Oracle { utilization: u });
+    }
+    let settings: Vec<String> = scalers.iter().map(Scaler::setting).collect();
+    setup
+        .run_all(scalers)
+        .iter()
+        .zip(settings)
+        .map(|(run, setting)| SweepPoint {
+            setting,
+            summary: setup.summarize(run),
+        })
+        .collect()
+}
+
+/// Everything a run of one strategy needs: the trace, the fitted replica model and what the
+/// strategies may know in advance. Built once, shared by every run.
+#[derive(Debug)]
+pub struct Setup {
+    /// The latency model's fit.
+    pub fit: FitReport,
+    /// The replica model.
+    pub model: LatencyModel,
+    /// The engine's batch limits.
+    pub limits: EngineLimits,
+    /// The requests, in arrival order.
+    pub requests: Vec<Request>,
+    /// What every strategy may know before the run.
+    pub knowledge: Knowledge,
+    /// llmo's policy as the fleet file configures it.
+    pub policy: PolicyConfig,
+    /// Seconds a new replica takes to serve.
+    pub cold_start: f64,
+    /// GPUs per replica.
+    pub gpus: u32,
+    /// Price of one GPU-hour.
+    pub gpu_price: f64,
+    /// TTFT target, seconds.
+    pub ttft_target: f64,
+    /// Inter-token latency target, seconds.
+    pub itl_target: Option<f64>,
+    /// Burst onsets found in the demand, seconds.
+    pub bursts: Vec<f64>,
+    /// Length of the run, seconds.
+    pub duration: f64,
+}
+
+impl Setup {
+    /// Loads the fleet and the trace, fits the latency model and calibrates one replica.
+    pub fn new(args: &SimulateArgs) -> Result<Self, SimError> {
+        let fleet = Fleet::load(&args.fleet)?;
+        let d = fleet.deployment().clone();
+        let fit = latency::fit(&args.perf_model, &d.calibration, &fleet.hardware)?;
+        let model = LatencyModel::new(&fleet.arch, &fleet.hardware, d.tensor, fit.costs)?;
+        let limits = EngineLimits {
+            max_batch_tokens: d.max_batch_tokens,
+            max_running: d.max_running,
+        };
+        let source = trace::load_azure(&args.trace)?;
+        let mut rng = Rng::new(args.seed);
+        let requests = match args.diurnal {
+            Some(len) => {
+                trace::diurnal(&source, len.get().as_secs_f64(), args.rate_scale, &mut rng)
+            }
+            None => trace::rate_scale(&source, args.rate_scale, &mut rng),
+        };
+        let duration = requests
+            .last()
+            .map(|r| r.arrival.ceil() + 1.0)
+            .unwrap_or(1.0);
+        let ttft_target = d.slo.ttft.get().as_secs_f64();
+        let itl_target = d.slo.inter_token_latency.map(|x| x.get().as_secs_f64());
+        let (capacity, concurrency) =
+            calibrate(&model, limits, &source, ttft_target, itl_target, args.seed);
+        tracing::info!(capacity, concurrency, "calibrated one replica");
+        let (min, max) = fleet.bounds();
+        let demand_10 = trace::demand_bins(&requests, 10.0, duration);
+        let bursts = report::burst_onsets(&demand_10);
+        let knowledge = Knowledge {
+            capacity,
+            concurrency,
+            demand_60: trace::demand_bins(&requests, 60.0, duration),
+            demand_10,
+            utilization: d.slo.utilization,
+            min,
+            max,
+        };
+        let cold_start = d.cold_start.get().as_secs_f64();
+        let policy = PolicyConfig {
+            min,
+            max,
+            ttft_target,
+            itl_target,
+            utilization_target: d.slo.utilization,
+            default_startup: cold_start,
+            prior_capacity: Some(capacity),
+            ..PolicyConfig::default()
+        };
+        Ok(Self {
+            fit,
+            model,
+            limits,
+            bursts,
+            requests,
+            knowledge,
+            policy,
+            cold_start,
+            gpus: d.tensor,
+            gpu_price: fleet.replica_price() / f64::from(d.tensor),
+            ttft_target,
+            itl_target,
+            duration,
+        })
+    }
+
+    /// Replays the requests under one strategy.
+    pub fn run(&self, scaler: Scaler) -> RunResult {
+        let start = if matches!(scaler, Scaler::Oracle { .. }) {
+            0.0
+        } else {
+            self.cold_start
+        };
+        run_strategy(
+            scaler,
+            &self.knowledge,
+            &self.requests,
+            &self.model,
+            self.limits,
+            start,
+            self.gpus,
+            self.duration,
+        )
+    }
+
+    /// Scores a run.
+    pub fn summarize(&self, run: &RunResult) -> Summary {
+        report::summarize(
+            run,
+            &self.bursts,
+            self.ttft_target,
+            self.itl_target,
+            self.gpu_price,
+            self.duration,
+        )
+    }
+
+    /// Runs `scalers`, two at a time, keeping their order.
+    pub fn run_all(&self, scalers: Vec<Scaler>) -> Vec<RunResult> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 2);
+        let mut slots: Vec<Option<RunResult>> = Vec::new();
+        slots.resize_with(scalers.len(), || None);
+        let queue = std::sync::Mutex::new(scalers.into_iter().enumerate());
+        let done = std::sync::Mutex::new(&mut slots);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let next = queue.lock().map(|mut q| q.next()).ok().flatten();
+                    let Some((i, scaler)) = next else { break };
+                    let run = self.run(scaler);
+                    if let Ok(mut slots) = done.lock() {
+                        slots[i] = Some(run);
+                    }
+                });
+            }
+        });
+        slots.into_iter().flatten().collect()
     }
 }
 
 /// Runs every strategy on the trace the arguments describe.
 pub fn simulate(args: &SimulateArgs) -> Result<Simulation, SimError> {
-    let fleet = Fleet::load(&args.fleet)?;
-    let d = fleet.deployment().clone();
-    let fit = latency::fit(&args.perf_model, &d.calibration, &fleet.hardware)?;
-    let model = LatencyModel::new(&fleet.arch, &fleet.hardware, d.tensor, fit.costs)?;
-    let limits = EngineLimits {
-        max_batch_tokens: d.max_batch_tokens,
-        max_running: d.max_running,
-    };
-    let source = trace::load_azure(&args.trace)?;
-    let mut rng = Rng::new(args.seed);
-    let requests = match args.diurnal {
-        Some(len) => trace::diurnal(&source, len.get().as_secs_f64(), args.rate_scale, &mut rng),
-        None => trace::rate_scale(&source, args.rate_scale, &mut rng),
-    };
-    let duration = requests
-        .last()
-        .map(|r| r.arrival.ceil() + 1.0)
-        .unwrap_or(1.0);
-    let ttft_target = d.slo.ttft.get().as_secs_f64();
-    let itl_target = d.slo.inter_token_latency.map(|x| x.get().as_secs_f64());
-    let (capacity, concurrency) =
-        calibrate(&model, limits, &source, ttft_target, itl_target, args.seed);
-    tracing::info!(capacity, concurrency, "calibrated one replica");
-    let (min, max) = fleet.bounds();
-    let knowledge = Knowledge {
-        capacity,
-        concurrency,
-        demand_60: trace::demand_bins(&requests, 60.0, duration),
-        demand_10: trace::demand_bins(&requests, 10.0, duration),
-        utilization: d.slo.utilization,
-        min,
-        max,
-    };
-    let cold_start = d.cold_start.get().as_secs_f64();
-    let cfg = PolicyConfig {
-        min,
-        max,
-        ttft_target,
-        itl_target,
-        utilization_target: d.slo.utilization,
-        default_startup: cold_start,
-        prior_capacity: Some(capacity),
-        ..PolicyConfig::default()
-    };
-    let scalers = vec![
-        Scaler::Static,
-        Scaler::Hpa {
-            history: Vec::new(),
-        },
-        Scaler::Keda {
-            history: Vec::new(),
-        },
-        Scaler::Planner,
-        Scaler::Slo {
-            signal: SignalConfig::for_interval(cfg.interval),
-            cfg: Box::new(cfg),
-            state: PolicyState::default(),
-            history: ScrapeHistory::default(),
-            startup: cold_start,
-            decisions: Vec::new(),
-        },
-        Scaler::Oracle,
-    ];
-    let demand_10 = trace::demand_bins(&requests, 10.0, duration);
-    let bursts = report::burst_onsets(&demand_10);
-    let mut runs = Vec::new();
-    for scaler in scalers {
-        let start = if matches!(scaler, Scaler::Oracle) {
-            0.0
-        } else {
-            cold_start
-        };
-        runs.push(run_strategy(
-            scaler, &knowledge, &requests, &model, limits, start, d.tensor, duration,
-        ));
-    }
-    let summaries = runs
-        .iter()
-        .map(|r| {
-            report::summarize(
-                r,
-                &bursts,
-                ttft_target,
-                itl_target,
-                fleet.replica_price() / f64::from(d.tensor),
-                duration,
-            )
-        })
-        .collect();
-    Ok(Simulation {
-        fit,
-        capacity,
+    let setup = Setup::new(args)?;
+    Ok(compare(&setup))
+}
+
+/// Runs every strategy at its default setting.
+pub fn compare(setup: &Setup) -> Simulation {
+    let runs = setup.run_all(Scaler::defaults(
+        &setup.knowledge,
+        &setup.policy,
+        setup.cold_start,
+    ));
+    let summaries = runs.iter().map(|r| setup.summarize(r)).collect();
+    Simulation {
+        fit: setup.fit.clone(),
+        capacity: setup.knowledge.capacity,
         summaries,
         runs,
-        bursts,
-        duration,
-        demand_10,
-    })
+        bursts: setup.bursts.clone(),
+        duration: setup.duration,
+        demand_10: setup.knowledge.demand_10.clone(),
+    }
 }
 
 /// Replays `requests` under one strategy.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{replica::Outcome, Simulation};
+use super::{replica::Outcome, Simulation, SweepPoint};
 
 /// One strategy's run.
 #[derive(Debug, Clone)]
@@ -308,6 +308,194 @@ pub fn svg(sim: &Simulation) -> String {
     s
 }
 
+/// The sweep's points, then the comparison at equal attainment: for each strategy, the cheapest
+/// setting whose TTFT and ITL attainment are at least `reference`'s (llmo's policy at its
+/// default setting).
+pub fn sweep_table(points: &[SweepPoint], reference: &Summary) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| strategy | setting | TTFT SLO % | ITL SLO % | GPU-hours | scale actions/h |"
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: |");
+    for p in points {
+        let r = &p.summary;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            r.name, p.setting, r.ttft_attainment, r.itl_attainment, r.gpu_hours, r.actions_per_hour
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nAt equal or better attainment than {} at its default setting (TTFT {:.2} %, ITL {:.2} %, {:.1} GPU-hours):\n",
+        reference.name, reference.ttft_attainment, reference.itl_attainment, reference.gpu_hours
+    );
+    let _ = writeln!(
+        s,
+        "| strategy | cheapest setting that attains it | GPU-hours | {} uses |",
+        reference.name
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | ---: |");
+    for (name, best) in cheapest_at(points, reference) {
+        match best {
+            Cheapest::Attains(p) => {
+                let saving = 1.0 - reference.gpu_hours / p.summary.gpu_hours.max(1e-9);
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} ({:.2} %) | {:.1} | {} |",
+                    p.setting,
+                    p.summary.ttft_attainment,
+                    p.summary.gpu_hours,
+                    relative(saving)
+                );
+            }
+            Cheapest::Never(p) => {
+                let _ = writeln!(
+                    s,
+                    "| {name} | none; best {:.2} % ({}) at {:.1} GPU-hours | - | - |",
+                    p.summary.ttft_attainment, p.setting, p.summary.gpu_hours
+                );
+            }
+        }
+    }
+    s
+}
+
+/// "25 % fewer" or "5 % more".
+fn relative(saving: f64) -> String {
+    if saving >= 0.0 {
+        format!("{:.0} % fewer", saving * 100.0)
+    } else {
+        format!("{:.0} % more", -saving * 100.0)
+    }
+}
+
+/// A strategy's best showing in a sweep against a reference attainment.
+#[derive(Debug, Clone, Copy)]
+pub enum Cheapest<'a> {
+    /// The cheapest setting at equal or better attainment.
+    Attains(&'a SweepPoint),
+    /// No setting attains it: the one with the highest TTFT attainment.
+    Never(&'a SweepPoint),
+}
+
+/// For each strategy of the sweep, in order of appearance, its cheapest setting at equal or
+/// better TTFT and ITL attainment than `reference`.
+pub fn cheapest_at<'a>(
+    points: &'a [SweepPoint],
+    reference: &Summary,
+) -> Vec<(&'static str, Cheapest<'a>)> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for p in points {
+        if !names.contains(&p.summary.name) {
+            names.push(p.summary.name);
+        }
+    }
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let mine: Vec<&SweepPoint> = points.iter().filter(|p| p.summary.name == name).collect();
+            let attains = mine
+                .iter()
+                .filter(|p| {
+                    p.summary.ttft_attainment >= reference.ttft_attainment - 1e-9
+                        && p.summary.itl_attainment >= reference.itl_attainment - 1e-9
+                })
+                .min_by(|a, b| a.summary.gpu_hours.total_cmp(&b.summary.gpu_hours));
+            let best = match attains {
+                Some(p) => Cheapest::Attains(p),
+                None => Cheapest::Never(mine.iter().copied().max_by(|a, b| {
+                    a.summary
+                        .ttft_attainment
+                        .total_cmp(&b.summary.ttft_attainment)
+                })?),
+            };
+            Some((name, best))
+        })
+        .collect()
+}
+
+/// GPU-hours against the share of requests over the TTFT target, one line per strategy through
+/// its settings: the lower left is better.
+pub fn sweep_svg(points: &[SweepPoint], reference: &Summary) -> String {
+    let (w, h, left, top, bottom) = (760.0, 480.0, 70.0, 30.0, 70.0);
+    let (plot_w, plot_h) = (w - left - 20.0, h - top - bottom);
+    let hours = points.iter().map(|p| p.summary.gpu_hours);
+    let lo = hours.clone().fold(f64::MAX, f64::min) * 0.9;
+    // Keep the interesting part readable: up to three times llmo's GPU-hours.
+    let hi = hours
+        .fold(0.0, f64::max)
+        .min(3.0 * reference.gpu_hours)
+        .max(lo * 1.5);
+    let miss = |p: &Summary| (100.0 - p.ttft_attainment).max(0.01);
+    let (mlo, mhi) = (0.01f64.ln(), 100.0f64.ln());
+    let x = |v: f64| left + plot_w * ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+    let y = |v: f64| top + plot_h * ((v.ln() - mlo) / (mhi - mlo)).clamp(0.0, 1.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    let _ = writeln!(s, "<rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#333\"/><text x=\"{left}\" y=\"{}\">requests over the TTFT target (log scale, fewer is higher) against GPU-hours</text>", top - 10.0);
+    for m in [0.01, 0.1, 1.0, 10.0, 100.0] {
+        let (right, ym, label_x) = (left + plot_w, y(m), left - 4.0);
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{right}\" y1=\"{ym:.1}\" y2=\"{ym:.1}\" stroke=\"#ddd\"/><text x=\"{label_x}\" y=\"{:.1}\" text-anchor=\"end\">{m}%</text>", ym + 4.0);
+    }
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" x2=\"{}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"#1f77b4\" stroke-dasharray=\"4 3\"/>",
+        left + plot_w,
+        y(miss(reference))
+    );
+    let _ = writeln!(s, "<text x=\"{left}\" y=\"{0}\">{lo:.0}</text><text x=\"{1}\" y=\"{0}\" text-anchor=\"end\">{hi:.0} GPU-hours</text>", top + plot_h + 16.0, left + plot_w);
+    let mut names: Vec<&'static str> = Vec::new();
+    for p in points {
+        if !names.contains(&p.summary.name) {
+            names.push(p.summary.name);
+        }
+    }
+    for (i, name) in names.iter().enumerate() {
+        let color = strategy_color(name);
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.summary.name == *name)
+            .map(|p| (x(p.summary.gpu_hours), y(miss(&p.summary))))
+            .collect();
+        let line: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            line.join(" ")
+        );
+        for (a, b) in pts {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{a:.1}\" cy=\"{b:.1}\" r=\"3\" fill=\"{color}\"/>"
+            );
+        }
+        let lx = left + (i % 6) as f64 * 115.0;
+        let ly = top + plot_h + 40.0;
+        let _ = writeln!(s, "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{color}\"/><text x=\"{}\" y=\"{ly}\">{name}</text>", ly - 10.0, lx + 16.0);
+    }
+    let _ = writeln!(
+        s,
+        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"7\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>",
+        x(reference.gpu_hours),
+        y(miss(reference))
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The same colour for a strategy in every plot.
+fn strategy_color(name: &str) -> &'static str {
+    match name {
+        "static-peak" => COLORS[0],
+        "hpa-gpu-util" => COLORS[1],
+        "keda-queue" => COLORS[2],
+        "planner-180s" => COLORS[3],
+        "llmo-slo" => COLORS[4],
+        _ => COLORS[5],
+    }
+}
+
 /// llmo's scaling decisions with their figures and reasons.
 pub fn decisions_csv(sim: &Simulation) -> String {
     let mut s = String::from("t_s,from,to,kind,ttft_p95_s,utilization,queue_depth,load_tokens_per_s,capacity_tokens_per_s,reason\n");
@@ -352,6 +540,62 @@ mod tests {
             ready: Vec::new(),
             decisions: Vec::new(),
         }
+    }
+
+    fn point(name: &'static str, setting: &str, ttft: f64, itl: f64, hours: f64) -> SweepPoint {
+        let mut summary = summarize(&run(vec![], vec![]), &[], 1.0, None, 1.0, 3600.0);
+        summary.name = name;
+        summary.ttft_attainment = ttft;
+        summary.itl_attainment = itl;
+        summary.gpu_hours = hours;
+        SweepPoint {
+            setting: setting.into(),
+            summary,
+        }
+    }
+
+    #[test]
+    fn the_cheapest_setting_at_equal_attainment_is_chosen_per_strategy() {
+        let points = vec![
+            point("a", "tight", 99.9, 100.0, 300.0),
+            point("a", "middle", 99.5, 100.0, 200.0),
+            point("a", "loose", 97.0, 100.0, 100.0),
+            // Cheaper and on TTFT good enough, but misses the ITL of the reference.
+            point("b", "fast", 99.6, 99.0, 150.0),
+            point("b", "slow", 99.7, 100.0, 400.0),
+            point("c", "one", 95.0, 100.0, 50.0),
+            point("c", "two", 98.0, 100.0, 80.0),
+        ];
+        let reference = point("ref", "-", 99.5, 100.0, 150.0).summary;
+        let rows = cheapest_at(&points, &reference);
+        let picked: Vec<(&str, &str, bool)> = rows
+            .iter()
+            .map(|(n, c)| match c {
+                Cheapest::Attains(p) => (*n, p.setting.as_str(), true),
+                Cheapest::Never(p) => (*n, p.setting.as_str(), false),
+            })
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                ("a", "middle", true),
+                ("b", "slow", true),
+                ("c", "two", false)
+            ]
+        );
+        let table = sweep_table(&points, &reference);
+        assert!(
+            table.contains("| a | middle (99.50 %) | 200.0 | 25 % fewer |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| b | slow (99.70 %) | 400.0 | 62 % fewer |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| c | none; best 98.00 % (two) at 80.0 GPU-hours | - | - |"),
+            "{table}"
+        );
     }
 
     #[test]

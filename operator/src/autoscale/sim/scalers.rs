@@ -28,15 +28,24 @@ pub struct Knowledge {
 /// A scaling strategy.
 #[derive(Debug)]
 pub enum Scaler {
-    /// A fixed count sized for the peak minute.
-    Static,
-    /// HPA on mean GPU utilization: 15 s sync, tolerance 0.1, 300 s scale-down stabilization,
-    /// reading a 30 s average that is 15 s old (exporter and Prometheus scrape lag).
-    Hpa { history: Vec<(f64, u32)> },
-    /// KEDA on queue depth (waiting plus running): 30 s polling, 15 s query lag, 300 s cooldown.
-    Keda { history: Vec<(f64, u32)> },
-    /// Re-sizes every 180 s for a linear forecast of the next interval's demand.
-    Planner,
+    /// A fixed count sized for the peak minute at `utilization` of the calibrated capacity.
+    Static { utilization: f64 },
+    /// HPA on mean GPU utilization toward `target`: 15 s sync, tolerance 0.1, 300 s scale-down
+    /// stabilization, reading a 30 s average that is 15 s old (exporter and Prometheus scrape
+    /// lag).
+    Hpa {
+        target: f64,
+        history: Vec<(f64, u32)>,
+    },
+    /// KEDA on queue depth (waiting plus running) toward `per_replica` requests per replica:
+    /// 30 s polling, 15 s query lag, 300 s cooldown.
+    Keda {
+        per_replica: f64,
+        history: Vec<(f64, u32)>,
+    },
+    /// Re-sizes every 180 s for a linear forecast of the next interval's demand, at
+    /// `utilization` of the calibrated capacity.
+    Planner { utilization: f64 },
     /// llmo's policy, on its own scrapes of the pods every interval.
     Slo {
         cfg: Box<PolicyConfig>,
@@ -46,41 +55,100 @@ pub enum Scaler {
         startup: f64,
         decisions: Vec<crate::autoscale::Decision>,
     },
-    /// Knows the next 30 s of demand and starts replicas instantly: a lower bound on GPU time.
-    Oracle,
+    /// Knows the next 30 s of demand and starts replicas instantly, sized at `utilization` of the
+    /// calibrated capacity: at 1, a lower bound on GPU time.
+    Oracle { utilization: f64 },
 }
 
 impl Scaler {
+    /// Every strategy at its default setting: the baselines as they are usually configured
+    /// (static for the peak, HPA, KEDA and the planner toward the SLO's utilization or one
+    /// replica's concurrency at capacity) and llmo's policy as `cfg` says.
+    pub fn defaults(k: &Knowledge, cfg: &PolicyConfig, startup: f64) -> Vec<Self> {
+        vec![
+            Self::Static { utilization: 1.0 },
+            Self::hpa(k.utilization),
+            Self::keda(k.concurrency),
+            Self::Planner {
+                utilization: k.utilization,
+            },
+            Self::slo(cfg.clone(), startup),
+            Self::Oracle { utilization: 1.0 },
+        ]
+    }
+
+    /// HPA toward a mean busy ratio of `target`.
+    pub fn hpa(target: f64) -> Self {
+        Self::Hpa {
+            target,
+            history: Vec::new(),
+        }
+    }
+
+    /// KEDA toward `per_replica` outstanding requests per replica.
+    pub fn keda(per_replica: f64) -> Self {
+        Self::Keda {
+            per_replica,
+            history: Vec::new(),
+        }
+    }
+
+    /// llmo's policy with `cfg`, replicas taking `startup` seconds to start.
+    pub fn slo(cfg: PolicyConfig, startup: f64) -> Self {
+        Self::Slo {
+            signal: SignalConfig::for_interval(cfg.interval),
+            cfg: Box::new(cfg),
+            state: PolicyState::default(),
+            history: ScrapeHistory::default(),
+            startup,
+            decisions: Vec::new(),
+        }
+    }
+
+    /// The strategy's main setting, in words: what a sweep varies.
+    pub fn setting(&self) -> String {
+        match self {
+            Self::Static { utilization }
+            | Self::Planner { utilization }
+            | Self::Oracle { utilization } => {
+                format!("utilization {utilization:.2}")
+            }
+            Self::Hpa { target, .. } => format!("busy target {target:.2}"),
+            Self::Keda { per_replica, .. } => format!("{per_replica:.1} requests/replica"),
+            Self::Slo { cfg, .. } => format!("utilization {:.2}", cfg.utilization_target),
+        }
+    }
+
     /// Name in the table.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Static => "static-peak",
+            Self::Static { .. } => "static-peak",
             Self::Hpa { .. } => "hpa-gpu-util",
             Self::Keda { .. } => "keda-queue",
-            Self::Planner => "planner-180s",
+            Self::Planner { .. } => "planner-180s",
             Self::Slo { .. } => "llmo-slo",
-            Self::Oracle => "oracle",
+            Self::Oracle { .. } => "oracle",
         }
     }
 
     /// Seconds between decisions.
     pub fn period(&self) -> u64 {
         match self {
-            Self::Static => u64::MAX,
+            Self::Static { .. } => u64::MAX,
             Self::Hpa { .. } => 15,
             Self::Keda { .. } => 30,
-            Self::Planner => 180,
+            Self::Planner { .. } => 180,
             Self::Slo { cfg, .. } => cfg.interval.max(1.0) as u64,
-            Self::Oracle => 1,
+            Self::Oracle { .. } => 1,
         }
     }
 
     /// Replicas at time 0.
     pub fn initial(&self, k: &Knowledge) -> u32 {
         match self {
-            Self::Static => per_capacity(
+            Self::Static { utilization } => per_capacity(
                 k.demand_60.iter().copied().fold(0.0, f64::max),
-                k.capacity,
+                k.capacity * utilization,
                 k,
             ),
             // Every other strategy starts sized for the first five minutes, so the comparison is
@@ -97,8 +165,8 @@ impl Scaler {
     pub fn decide(&mut self, now: f64, cluster: &Cluster, k: &Knowledge) -> u32 {
         let current = cluster.target;
         match self {
-            Self::Static => current,
-            Self::Oracle => {
+            Self::Static { .. } => current,
+            Self::Oracle { utilization } => {
                 // The busiest 10 s of the next 30 s, at full capacity, with instant replicas.
                 let bin = (now / 10.0) as usize;
                 let peak = k
@@ -108,9 +176,9 @@ impl Scaler {
                     .take(3)
                     .copied()
                     .fold(0.0, f64::max);
-                per_capacity(peak, k.capacity, k)
+                per_capacity(peak, k.capacity * *utilization, k)
             }
-            Self::Planner => {
+            Self::Planner { utilization } => {
                 let bin = (now / 60.0) as usize;
                 let mean = |from: usize, to: usize| {
                     let s = &k.demand_60[from.min(k.demand_60.len())..to.min(k.demand_60.len())];
@@ -119,9 +187,9 @@ impl Scaler {
                 let last = mean(bin.saturating_sub(3), bin);
                 let prev = mean(bin.saturating_sub(6), bin.saturating_sub(3));
                 let forecast = last.max(2.0 * last - prev);
-                per_capacity(forecast, k.capacity * k.utilization, k)
+                per_capacity(forecast, k.capacity * *utilization, k)
             }
-            Self::Hpa { history } => {
+            Self::Hpa { target, history } => {
                 let window: Vec<f64> = cluster
                     .samples
                     .iter()
@@ -132,7 +200,7 @@ impl Scaler {
                     return current;
                 }
                 let util = window.iter().sum::<f64>() / window.len() as f64;
-                let ratio = util / k.utilization;
+                let ratio = util / *target;
                 let raw = if (ratio - 1.0).abs() <= 0.1 {
                     current
                 } else {
@@ -141,15 +209,18 @@ impl Scaler {
                 let raw = raw.min(current.saturating_mul(2).max(current + 4));
                 hpa_stabilize(history, now, raw.clamp(k.min, k.max), current)
             }
-            Self::Keda { history } => {
+            Self::Keda {
+                per_replica,
+                history,
+            } => {
                 let Some(sample) = cluster.samples.iter().rev().find(|s| s.0 <= now - 15.0) else {
                     return current;
                 };
-                let ratio = sample.2 / (k.concurrency * f64::from(current.max(1)));
+                let ratio = sample.2 / (*per_replica * f64::from(current.max(1)));
                 let raw = if (ratio - 1.0).abs() <= 0.1 {
                     current
                 } else {
-                    (sample.2 / k.concurrency).ceil() as u32
+                    (sample.2 / *per_replica).ceil() as u32
                 };
                 hpa_stabilize(history, now, raw.clamp(k.min, k.max), current)
             }
