@@ -292,3 +292,88 @@ fn an_idle_deployment_scales_down_once_its_capacity_is_known() {
     // Gradually, and not before the window has passed since the load stopped.
     assert!(seen[..16].iter().all(|r| *r == 3), "{seen:?}");
 }
+
+#[test]
+fn feedback_waits_for_the_replicas_it_already_asked_for() {
+    let c = cfg();
+    // Ten ready at 7,000 tokens/s with TTFT at 4x the target; seven more started 30 s ago,
+    // asked for by this very violation. Seventeen carry the load (7,000 over 800 each is 9),
+    // and the TTFT error is the one measured without them.
+    let s = signals(100.0, 10, 7000.0, 4.0, 2.0);
+    let starting = [30.0; 7];
+    let obs = Observation {
+        now: 100.0,
+        signals: &s,
+        ready: 10,
+        starting_ages: &starting,
+        current: 17,
+        startup_time: Some(90.0),
+    };
+    let (d, _) = decide(&c, &PolicyState::default(), &obs);
+    assert_eq!(d.to, 17, "{d:?}");
+    // Without replicas on the way, the same error adds replicas at once.
+    let alone = Observation {
+        starting_ages: &[],
+        current: 10,
+        ..obs
+    };
+    let (d, _) = decide(&c, &PolicyState::default(), &alone);
+    assert!(d.to > 10, "{d:?}");
+    // And a burst beyond what is coming is still met: the load path does not wait.
+    let burst = signals(100.0, 10, 30_000.0, 4.0, 2.0);
+    let (d, _) = decide(
+        &c,
+        &PolicyState::default(),
+        &Observation {
+            signals: &burst,
+            ..obs
+        },
+    );
+    assert!(d.to > 17 && d.kind == DecisionKind::Panic, "{d:?}");
+}
+
+#[test]
+fn violations_lower_the_capacity_estimate_in_steps_and_only_when_they_say_so() {
+    let c = cfg();
+    // Four replicas at 850 tokens/s each (above the 800 planned), TTFT over target: the
+    // replicas are slower than the prior of 1,000 says.
+    let violated = signals(100.0, 4, 3400.0, 1.3, 1.0);
+    let at = |now: f64, starting: &'static [f64]| Observation {
+        now,
+        signals: &violated,
+        ready: 4,
+        starting_ages: starting,
+        current: 4 + starting.len() as u32,
+        startup_time: Some(90.0),
+    };
+    let (_, once) = decide(&c, &PolicyState::default(), &at(100.0, &[]));
+    let cut = once.capacity.unwrap();
+    assert!((cut - 900.0).abs() < 1e-6, "one step of 10 %: {cut}");
+    // The next interval, inside the same window, does not cut again.
+    let (_, twice) = decide(&c, &once, &at(105.0, &[]));
+    assert_eq!(twice.capacity, Some(cut));
+    // A window later it does.
+    let (_, later) = decide(&c, &twice, &at(130.0, &[]));
+    assert!(later.capacity.unwrap() < cut);
+    // While replicas are starting, a violation is expected and says nothing about them.
+    let (_, starting) = decide(&c, &PolicyState::default(), &at(100.0, &[20.0]));
+    assert_eq!(starting.capacity, Some(1000.0));
+}
+
+#[test]
+fn comfortable_intervals_raise_the_estimate_gradually() {
+    let c = cfg();
+    // Comfortable at 1,400 tokens/s per replica, well above the prior of 1,000.
+    let s = signals(100.0, 2, 2800.0, 0.4, 0.0);
+    let obs = Observation {
+        now: 100.0,
+        signals: &s,
+        ready: 2,
+        starting_ages: &[],
+        current: 2,
+        startup_time: Some(90.0),
+    };
+    let (_, next) = decide(&c, &PolicyState::default(), &obs);
+    let cap = next.capacity.unwrap();
+    assert!(cap > 1000.0 && cap < 1400.0, "a quarter of the gap: {cap}");
+}

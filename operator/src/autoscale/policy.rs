@@ -3,7 +3,10 @@
 //! Two paths add up. Feed-forward divides the observed load (tokens per second in and out, plus
 //! what sits in the queue) by the measured capacity of one replica, so a rising load is met before
 //! latency suffers. Feedback reads the SLO error (TTFT and inter-token p95 over target) and adds
-//! replicas when the measured capacity was too optimistic; a panic path acts at once on a burst.
+//! replicas when the measured capacity was too optimistic, once per deficit: it waits for the
+//! replicas it asked for. A panic path acts at once on a burst. The capacity estimate starts from
+//! the planner's figure and follows the SLO in small steps: down after a violation at the
+//! operating point, up while the SLO is met with margin under load.
 //! Scaling down waits for a stabilization window and steps down gradually, because a replica
 //! removed by mistake takes a full cold start to come back. Replicas already starting count as
 //! capacity coming unless they have overrun the measured start-up time.
@@ -113,7 +116,7 @@ impl Default for PolicyConfig {
             default_startup: 120.0,
             comfortable_ratio: 0.8,
             feedback_gain: 0.25,
-            capacity_probe: 0.02,
+            capacity_probe: 0.005,
             prior_capacity: None,
         }
     }
@@ -150,7 +153,14 @@ pub struct PolicyState {
     /// First decision seen; nothing is removed before a whole stabilization window of
     /// recommendations exists.
     first_decision: Option<f64>,
+    /// When an SLO violation last lowered the capacity estimate.
+    last_capacity_cut: Option<f64>,
 }
+
+/// Share of the capacity estimate a violation at the operating point takes off.
+const CAPACITY_CUT: f64 = 0.1;
+/// Share of the gap to a higher measured load a comfortable interval adds to the estimate.
+const CAPACITY_RISE: f64 = 0.25;
 
 /// Which way a decision went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,26 +232,6 @@ pub fn decide(
     let measured = obs.ready > 0 && s.requests >= 10.0 && full_window;
     let first_decision = *next.first_decision.get_or_insert(obs.now);
 
-    // Capacity: measured, never guessed. A violation caps it near the load that caused it; a
-    // comfortable loaded interval raises it.
-    if measured {
-        let cap = next.capacity.unwrap_or(per_replica);
-        // A violation below the planned operating point is a burst inside the window, not a
-        // sign that the replicas are slower than measured; only one at or above it lowers the
-        // estimate.
-        let updated =
-            if violated && per_replica < cap && per_replica >= cfg.utilization_target * cap {
-                (cap * 0.7).max(0.7 * cap + 0.3 * per_replica * 0.95)
-            } else if comfortable && per_replica > cap {
-                per_replica
-            } else if comfortable && per_replica >= 0.9 * cfg.utilization_target * cap {
-                cap * (1.0 + cfg.capacity_probe)
-            } else {
-                cap
-            };
-        next.capacity = Some(updated.max(1e-9));
-    }
-
     // Feed-forward: load plus the queue spread over the window, over usable capacity.
     let tokens_per_request = if s.requests > 0.0 && s.span > 0.0 {
         load * s.span / s.requests
@@ -265,6 +255,35 @@ pub fn decide(
     let load_burst = next.capacity.is_some_and(|cap| {
         s.recent_tokens_per_second > cfg.panic_load_ratio * cap * f64::from(counted.max(1))
     });
+    // Capacity: measured, never guessed. A violation at or above the planned operating point
+    // lowers the estimate; a comfortable loaded interval raises it. Both move by steps, because
+    // a window's figures are noisy (a run of short prompts, a burst inside the window), and a
+    // violation lowers it only when it says something about the replicas: not while replicas
+    // are starting or a burst is arriving (both are expected to miss the SLO for a while), and
+    // at most once per window, so the effect of one cut is seen before the next.
+    if measured {
+        let cap = next.capacity.unwrap_or(per_replica);
+        let settled = coming == 0
+            && !load_burst
+            && next
+                .last_capacity_cut
+                .is_none_or(|t| obs.now - t >= s.span.max(cfg.interval));
+        let updated = if violated
+            && settled
+            && per_replica < cap
+            && per_replica >= cfg.utilization_target * cap
+        {
+            next.last_capacity_cut = Some(obs.now);
+            cap * (1.0 - CAPACITY_CUT)
+        } else if comfortable && per_replica > cap {
+            cap + CAPACITY_RISE * (per_replica - cap)
+        } else if comfortable && per_replica >= 0.9 * cfg.utilization_target * cap {
+            cap * (1.0 + cfg.capacity_probe)
+        } else {
+            cap
+        };
+        next.capacity = Some(updated.max(1e-9));
+    }
     // A violation on lightly loaded replicas with no queue is a latency floor (prompts too long
     // for the target, a slow model or GPU), which more replicas do not lower: it is reported,
     // and it blocks scale-down, but it adds nothing.
@@ -292,7 +311,10 @@ pub fn decide(
         .map(|cap| demand / (cap * cfg.utilization_target));
     // Feedback from the SLO error. TTFT grows much faster than the capacity deficit near
     // saturation (queueing), so the error is damped: twice the target asks for a quarter more replicas, at least one.
-    let feedback = (violated && !floor).then(|| {
+    // It waits for replicas already starting: the error it reads was measured without them, and
+    // it stays high until they serve, so acting on it again would ask twice for one deficit.
+    // Bursts beyond them are the panic path's (load and queue), which does not wait.
+    let feedback = (violated && !floor && coming == 0).then(|| {
         let gain = 1.0 + cfg.feedback_gain * (slo_err - 1.0).min(3.0);
         (f64::from(ready) * gain).ceil().max(f64::from(ready) + 1.0)
     });
