@@ -57,6 +57,7 @@ fn args(seed: u64) -> SimulateArgs {
         perf_model: root().join("data/splitwise-perf-model.csv"),
         out: std::env::temp_dir(),
         sweep: false,
+        prior_error: 1.0,
     }
 }
 

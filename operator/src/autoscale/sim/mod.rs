@@ -50,6 +50,12 @@ pub enum SimError {
         /// What is wrong.
         message: String,
     },
+    /// A command-line value is out of range.
+    #[error("{message}")]
+    Args {
+        /// What is wrong and what is accepted.
+        message: String,
+    },
     /// The fleet file is wrong.
     #[error("fleet file: {message}")]
     Fleet {
@@ -88,6 +94,10 @@ pub struct SimulateArgs {
     /// attainment: writes sweep.md and sweep.svg.
     #[arg(long)]
     pub sweep: bool,
+    /// Give llmo's policy a prior capacity this many times the calibrated one, as when the
+    /// planner's latency model is off: shows how the estimate follows the SLO.
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_error: f64,
 }
 
 /// Everything one simulation produced.
@@ -247,6 +257,14 @@ pub struct Setup {
 impl Setup {
     /// Loads the fleet and the trace, fits the latency model and calibrates one replica.
     pub fn new(args: &SimulateArgs) -> Result<Self, SimError> {
+        if !(args.prior_error.is_finite() && args.prior_error > 0.0) {
+            return Err(SimError::Args {
+                message: format!(
+                    "--prior-error {} must be a positive factor (1 is the calibrated capacity)",
+                    args.prior_error
+                ),
+            });
+        }
         let fleet = Fleet::load(&args.fleet)?;
         let d = fleet.deployment().clone();
         let fit = latency::fit(&args.perf_model, &d.calibration, &fleet.hardware)?;
@@ -292,7 +310,7 @@ impl Setup {
             itl_target,
             utilization_target: d.slo.utilization,
             default_startup: cold_start,
-            prior_capacity: Some(capacity),
+            prior_capacity: Some(capacity * args.prior_error),
             ..PolicyConfig::default()
         };
         Ok(Self {
