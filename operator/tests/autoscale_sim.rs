@@ -147,3 +147,15 @@ fn the_fleet_file_bounds_replicas_by_the_pools() {
     assert_eq!(f.bounds(), (1, 24));
     assert!((f.replica_price() - 4.0 * 2.99).abs() < 1e-9);
 }
+
+#[test]
+fn a_prior_error_must_be_a_positive_factor() {
+    for bad in [0.0, -1.0, f64::NAN] {
+        let err = sim::Setup::new(&SimulateArgs {
+            prior_error: bad,
+            ..args(1)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--prior-error"), "{err}");
+    }
+}
