@@ -132,20 +132,15 @@ pub fn main(args: SimulateArgs) -> ExitCode {
     let sim = compare(&setup);
     let table = report::table(&sim);
     println!("{table}");
-    let written = std::fs::create_dir_all(&args.out)
-        .and_then(|()| std::fs::write(args.out.join("table.md"), &table))
-        .and_then(|()| std::fs::write(args.out.join("timeline.csv"), report::timeline_csv(&sim)))
-        .and_then(|()| std::fs::write(args.out.join("timeline.svg"), report::svg(&sim)))
-        .and_then(|()| std::fs::write(args.out.join("decisions.csv"), report::decisions_csv(&sim)));
-    if let Err(e) = written {
-        eprintln!("error: {}: {e}", args.out.display());
+    let files = [
+        ("table.md", table),
+        ("timeline.csv", report::timeline_csv(&sim)),
+        ("timeline.svg", report::svg(&sim)),
+        ("decisions.csv", report::decisions_csv(&sim)),
+    ];
+    if !write_outputs(&args.out, &files, started) {
         return ExitCode::FAILURE;
     }
-    println!(
-        "wrote {}/table.md, timeline.csv, timeline.svg in {:.1}s",
-        args.out.display(),
-        started.elapsed().as_secs_f64()
-    );
     if args.sweep {
         let Some(reference) = sim.summaries.iter().find(|s| s.name == "llmo-slo") else {
             eprintln!("error: the comparison has no llmo-slo run to sweep against");
@@ -154,23 +149,45 @@ pub fn main(args: SimulateArgs) -> ExitCode {
         let points = sweep(&setup);
         let text = report::sweep_table(&points, reference);
         println!("{text}");
-        let written = std::fs::write(args.out.join("sweep.md"), &text).and_then(|()| {
-            std::fs::write(
-                args.out.join("sweep.svg"),
-                report::sweep_svg(&points, reference),
-            )
-        });
-        if let Err(e) = written {
-            eprintln!("error: {}: {e}", args.out.display());
+        let files = [
+            ("sweep.md", text),
+            ("sweep.svg", report::sweep_svg(&points, reference)),
+        ];
+        if !write_outputs(&args.out, &files, started) {
             return ExitCode::FAILURE;
         }
-        println!(
-            "wrote {}/sweep.md, sweep.svg in {:.1}s",
-            args.out.display(),
-            started.elapsed().as_secs_f64()
-        );
     }
     ExitCode::SUCCESS
+}
+
+/// Writes `files` (name, contents) into `dir` and says so; on failure prints the error and
+/// returns false.
+fn write_outputs(
+    dir: &std::path::Path,
+    files: &[(&str, String)],
+    started: std::time::Instant,
+) -> bool {
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        files
+            .iter()
+            .try_for_each(|(name, text)| std::fs::write(dir.join(name), text))
+    });
+    match written {
+        Ok(()) => {
+            let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+            println!(
+                "wrote {} into {} after {:.1}s",
+                names.join(", "),
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", dir.display());
+            false
+        }
+    }
 }
 
 /// One strategy at one setting of a sweep.
