@@ -1,5 +1,6 @@
 //! Matmul speed of the weight formats on the shapes of SmolLM2-135M, against f32 in the same run:
 //! f32 (candle's GEMM), candle's Q8_0, and llmo's W8A8 and W4A8 kernels, for a few batch sizes.
+//! W8A8 runs with the CPU's best kernel and again with the AVX2 one (what CPUs without VNNI get).
 //!
 //! `cargo run --release -p llmo-serve --example int8_bench -- [threads]`
 
@@ -8,7 +9,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use llmo_serve::model::int4::Int4Matrix;
-use llmo_serve::model::int8::Int8Matrix;
+use llmo_serve::model::int8::{Int8Matrix, Kernel};
 
 fn time(mut f: impl FnMut()) -> f64 {
     f();
@@ -39,9 +40,10 @@ fn main() {
         ("lm_head", 49152, 576),
     ];
     println!(
-        "| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time | int4 ÷ f32 time |"
+        "| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time | int8 AVX2 ÷ f32 time | int4 ÷ f32 time |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let avx2 = Kernel::available().contains(&Kernel::Avx2);
     for (name, n, k) in shapes {
         let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
         let wt = w.t().unwrap().contiguous().unwrap();
@@ -64,14 +66,20 @@ fn main() {
             let i = time(|| {
                 i8m.matmul(&xv, m);
             });
+            let i2 = avx2.then(|| {
+                time(|| {
+                    i8m.matmul_with(Kernel::Avx2, &xv, m);
+                })
+            });
             let i4 = time(|| {
                 i4m.matmul(&xv, m);
             });
             let gflops = 2.0 * (m * n * k) as f64 / f / 1e9;
             println!(
-                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} | {:.2} |",
+                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} | {} | {:.2} |",
                 q / f,
                 i / f,
+                i2.map_or("-".into(), |t| format!("{:.2}", t / f)),
                 i4 / f
             );
         }

@@ -13,8 +13,9 @@
 //! instruction). It takes an unsigned operand, so activations are stored offset by 128 and each
 //! block's sum starts from `-128 · Σ w` of that block, which cancels the offset exactly. Weights
 //! are packed in panels of 16 output rows, 4 inputs deep, the layout `vpdpbusd` consumes: one
-//! 64-byte load gives 4 inputs of 16 outputs. Other CPUs run a scalar loop that computes the
-//! same numbers, bit for bit.
+//! 64-byte load gives 4 inputs of 16 outputs. CPUs with AVX2 but no VNNI run the same layout
+//! through `vpmaddubsw` (the `avx2` module), others a scalar loop; all compute the same numbers, bit
+//! for bit.
 
 // SIMD intrinsics and the tiles' raw pointers into a shared output buffer need `unsafe`; each
 // block says why it holds.
@@ -36,22 +37,35 @@ const NJ: usize = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
+    /// AVX2 without VNNI (int8 only; int4 runs the scalar loop there).
+    Avx2,
     Avx512Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub fn best() -> Self {
+        Self::available().pop().unwrap_or(Self::Scalar)
+    }
+
+    /// Every kernel this CPU runs, slowest first; the scalar one runs everywhere.
+    pub fn available() -> Vec<Self> {
+        let mut out = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                out.push(Self::Avx2);
+            }
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
-                return Self::Avx512Vnni;
+                out.push(Self::Avx512Vnni);
             }
         }
-        Self::Scalar
+        out
     }
 }
 
@@ -284,6 +298,8 @@ impl Int8Matrix {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => vnni::dispatch(&t, mr, nj),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::dispatch(&t, mr, nj),
             _ => scalar_tile(&t, mr, nj),
         }
     }
@@ -460,6 +476,94 @@ mod vnni {
     }
 }
 
+/// The same arithmetic on AVX2, for CPUs without VNNI. `vpmaddubsw` multiplies unsigned by
+/// signed bytes and adds pairs into i16, which saturates for activations offset to 1..255. So
+/// the offset is taken back off (a flip of the top bit turns `a + 128` into `a` as i8), the
+/// weight's sign is moved onto the activation (`vpsignb`), and `|w| · ±a` pairs stay within
+/// 2 · 127 · 127 < 2^15. `vpmaddwd` by ones then sums each output's 4 products into i32. Without
+/// the offset the block correction is not added: the sum is `Σ a · w` either way, so the result
+/// is the scalar loop's, bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, BLOCK, LANES, MR, NJ, STEP};
+
+    /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
+    pub(super) unsafe fn dispatch(t: &Tile, mr: usize, nj: usize) {
+        match (mr, nj) {
+            (4, 3) => tile::<4, 3>(t),
+            (4, 2) => tile::<4, 2>(t),
+            (4, 1) => tile::<4, 1>(t),
+            (3, 3) => tile::<3, 3>(t),
+            (3, 2) => tile::<3, 2>(t),
+            (3, 1) => tile::<3, 1>(t),
+            (2, 3) => tile::<2, 3>(t),
+            (2, 2) => tile::<2, 2>(t),
+            (2, 1) => tile::<2, 1>(t),
+            (1, 3) => tile::<1, 3>(t),
+            (1, 2) => tile::<1, 2>(t),
+            (1, 1) => tile::<1, 1>(t),
+            _ => unreachable!("tile of {mr} rows × {nj} panels exceeds {MR} × {NJ}"),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const J: usize>(t: &Tile) {
+        let nb = t.kp / BLOCK;
+        let panel = LANES * t.kp;
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        // Each panel is two registers: outputs 0..8 and 8..16.
+        let mut facc = [[[_mm256_setzero_ps(); 2]; J]; R];
+        for b in 0..nb {
+            let mut iacc = [[[_mm256_setzero_si256(); 2]; J]; R];
+            for step in 0..BLOCK / 4 {
+                let i = b * BLOCK + step * 4;
+                let mut w = [[_mm256_setzero_si256(); 2]; J];
+                let mut w_abs = [[_mm256_setzero_si256(); 2]; J];
+                for j in 0..J {
+                    for h in 0..2 {
+                        let v =
+                            _mm256_loadu_si256(t.w.add(j * panel + (i / 4) * STEP + h * 32).cast());
+                        w[j][h] = v;
+                        w_abs[j][h] = _mm256_sign_epi8(v, v);
+                    }
+                }
+                for (r, row) in iacc.iter_mut().enumerate() {
+                    let four = t.a.add(r * t.kp + i).cast::<i32>().read_unaligned();
+                    let a = _mm256_xor_si256(_mm256_set1_epi32(four), flip);
+                    for j in 0..J {
+                        for h in 0..2 {
+                            let signed = _mm256_sign_epi8(a, w[j][h]);
+                            let pairs = _mm256_maddubs_epi16(w_abs[j][h], signed);
+                            let quads = _mm256_madd_epi16(pairs, ones);
+                            row[j][h] = _mm256_add_epi32(row[j][h], quads);
+                        }
+                    }
+                }
+            }
+            for j in 0..J {
+                for h in 0..2 {
+                    let sw = _mm256_loadu_ps(t.scale.add((j * nb + b) * LANES + h * 8));
+                    for r in 0..R {
+                        let s = _mm256_mul_ps(sw, _mm256_set1_ps(*t.sa.add(r * nb + b)));
+                        let sum = _mm256_cvtepi32_ps(iacc[r][j][h]);
+                        facc[r][j][h] = _mm256_fmadd_ps(sum, s, facc[r][j][h]);
+                    }
+                }
+            }
+        }
+        for j in 0..J {
+            for (r, row) in facc.iter().enumerate() {
+                for (h, half) in row[j].iter().enumerate() {
+                    _mm256_storeu_ps(t.out.add(r * t.np + j * LANES + h * 8), *half);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -556,17 +660,44 @@ pub(super) mod tests {
 
     #[test]
     fn kernels_agree_bit_for_bit() {
-        let kernel = Kernel::best();
-        for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
-            let w = data(n * k, 3);
-            let x = data(m * k, 4);
-            let q = Int8Matrix::quantize(&w, n, k);
-            assert_eq!(
-                q.matmul_with(Kernel::Scalar, &x, m),
-                q.matmul_with(kernel, &x, m),
-                "{m}×{n}×{k} with {kernel:?}"
-            );
+        // Every value at ±127 after rounding: the largest products, where a 16-bit pair sum
+        // would saturate if the AVX2 kernel kept the activation offset.
+        let extreme = |len: usize, flip: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    if (i / flip).is_multiple_of(2) {
+                        3.0
+                    } else {
+                        -3.0
+                    }
+                })
+                .collect()
+        };
+        for kernel in Kernel::available() {
+            for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
+                let cases = [
+                    (data(n * k, 3), data(m * k, 4)),
+                    (extreme(n * k, 1), extreme(m * k, 1)),
+                    (extreme(n * k, 3), extreme(m * k, 2)),
+                ];
+                for (w, x) in cases {
+                    let q = Int8Matrix::quantize(&w, n, k);
+                    assert_eq!(
+                        q.matmul_with(Kernel::Scalar, &x, m),
+                        q.matmul_with(kernel, &x, m),
+                        "{m}×{n}×{k} with {kernel:?}"
+                    );
+                }
+            }
         }
+        // The extreme case is exact: ±127 · ±127 summed, times the scales.
+        let (m, n, k) = (2, 16, 64);
+        let q = Int8Matrix::quantize(&extreme(n * k, 1), n, k);
+        let got = q.matmul_with(Kernel::best(), &extreme(m * k, 1), m);
+        assert!(
+            got.iter().all(|v| (v - 9.0 * k as f32).abs() < 1e-3),
+            "{got:?}"
+        );
     }
 
     #[test]
