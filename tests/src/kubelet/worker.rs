@@ -70,7 +70,12 @@ fn is_terminal_phase(pod: &Pod) -> bool {
     )
 }
 
-/// The grace period a deletion gives the pod.
+/// The shortest grace period a container gets, as the real kubelet's
+/// `minimumGracePeriodInSeconds`: even a force deletion (`--grace-period=0`) lets the process
+/// see its SIGTERM.
+const MIN_GRACE: Duration = Duration::from_secs(2);
+
+/// The grace period a deletion gives the pod (at least [`MIN_GRACE`]).
 fn deletion_grace(pod: &Pod) -> Duration {
     let seconds = pod
         .metadata
@@ -81,7 +86,7 @@ fn deletion_grace(pod: &Pod) -> Duration {
                 .and_then(|s| s.termination_grace_period_seconds)
         })
         .unwrap_or(30);
-    Duration::from_secs(u64::try_from(seconds).unwrap_or_default())
+    Duration::from_secs(u64::try_from(seconds).unwrap_or_default()).max(MIN_GRACE)
 }
 
 /// Writes a pod's status when it changed; remembers a failed write for a retry.
@@ -604,5 +609,32 @@ pub async fn run_pod(shared: Arc<Shared>, mut rx: watch::Receiver<PodUpdate>) {
                 tracing::info!(pod = %key, phase = state.lock().expect("pod state lock").phase(), "pod finished");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(deletion: Option<i64>, spec: Option<i64>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.deletion_grace_period_seconds = deletion;
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            termination_grace_period_seconds: spec,
+            ..Default::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn a_deletion_gives_its_grace_period_and_a_force_deletion_the_minimum() {
+        assert_eq!(
+            deletion_grace(&pod(Some(10), Some(5))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(deletion_grace(&pod(None, Some(5))), Duration::from_secs(5));
+        assert_eq!(deletion_grace(&pod(None, None)), Duration::from_secs(30));
+        assert_eq!(deletion_grace(&pod(Some(0), Some(5))), MIN_GRACE);
+        assert_eq!(deletion_grace(&pod(None, Some(0))), MIN_GRACE);
     }
 }
