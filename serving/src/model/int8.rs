@@ -380,30 +380,44 @@ unsafe fn scalar_tile(t: &Tile, mr: usize, nj: usize) {
     }
 }
 
+/// Defines the module's `dispatch(t, mr, nj)`: it runs the module's `tile::<R, J>`, specialised
+/// for each tile shape `run_tiles` hands out (at most [`MR`] × [`NJ`]) so that the accumulators
+/// stay in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_dispatch {
+    () => {
+        /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
+        pub(super) unsafe fn dispatch(t: &super::Tile, mr: usize, nj: usize) {
+            match (mr, nj) {
+                (4, 3) => tile::<4, 3>(t),
+                (4, 2) => tile::<4, 2>(t),
+                (4, 1) => tile::<4, 1>(t),
+                (3, 3) => tile::<3, 3>(t),
+                (3, 2) => tile::<3, 2>(t),
+                (3, 1) => tile::<3, 1>(t),
+                (2, 3) => tile::<2, 3>(t),
+                (2, 2) => tile::<2, 2>(t),
+                (2, 1) => tile::<2, 1>(t),
+                (1, 3) => tile::<1, 3>(t),
+                (1, 2) => tile::<1, 2>(t),
+                (1, 1) => tile::<1, 1>(t),
+                _ => unreachable!(
+                    "tile of {mr} rows × {nj} panels exceeds {} × {}",
+                    super::MR,
+                    super::NJ
+                ),
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Tile, BLOCK, LANES, MR, NJ, STEP};
+    use super::{Tile, BLOCK, LANES, STEP};
 
-    /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
-    pub(super) unsafe fn dispatch(t: &Tile, mr: usize, nj: usize) {
-        match (mr, nj) {
-            (4, 3) => tile::<4, 3>(t),
-            (4, 2) => tile::<4, 2>(t),
-            (4, 1) => tile::<4, 1>(t),
-            (3, 3) => tile::<3, 3>(t),
-            (3, 2) => tile::<3, 2>(t),
-            (3, 1) => tile::<3, 1>(t),
-            (2, 3) => tile::<2, 3>(t),
-            (2, 2) => tile::<2, 2>(t),
-            (2, 1) => tile::<2, 1>(t),
-            (1, 3) => tile::<1, 3>(t),
-            (1, 2) => tile::<1, 2>(t),
-            (1, 1) => tile::<1, 1>(t),
-            _ => unreachable!("tile of {mr} rows × {nj} panels exceeds {MR} × {NJ}"),
-        }
-    }
+    tile_dispatch!();
 
     /// Quantizes whole blocks of `x` as [`super::quantize_block`] does, bit for bit: the
     /// maximum is exact in any order and the conversion rounds to nearest even.
@@ -487,26 +501,9 @@ mod vnni {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, BLOCK, LANES, MR, NJ, STEP};
+    use super::{Tile, BLOCK, LANES, STEP};
 
-    /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
-    pub(super) unsafe fn dispatch(t: &Tile, mr: usize, nj: usize) {
-        match (mr, nj) {
-            (4, 3) => tile::<4, 3>(t),
-            (4, 2) => tile::<4, 2>(t),
-            (4, 1) => tile::<4, 1>(t),
-            (3, 3) => tile::<3, 3>(t),
-            (3, 2) => tile::<3, 2>(t),
-            (3, 1) => tile::<3, 1>(t),
-            (2, 3) => tile::<2, 3>(t),
-            (2, 2) => tile::<2, 2>(t),
-            (2, 1) => tile::<2, 1>(t),
-            (1, 3) => tile::<1, 3>(t),
-            (1, 2) => tile::<1, 2>(t),
-            (1, 1) => tile::<1, 1>(t),
-            _ => unreachable!("tile of {mr} rows × {nj} panels exceeds {MR} × {NJ}"),
-        }
-    }
+    tile_dispatch!();
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize, const J: usize>(t: &Tile) {
