@@ -218,6 +218,22 @@ fn status_keeps_the_last_ten_decisions_with_their_figures() {
     assert!(st.tokens_per_dollar.unwrap() > 0.0);
     let last = st.last_decisions.last().unwrap();
     assert!(last.ttft_p95.is_some() && !last.reason.is_empty());
+    // Every round, holds included, leaves its recommendation and why.
+    let d = decisions.last().unwrap();
+    assert_eq!(st.recommended_replicas, Some(d.to as i32));
+    assert_eq!(st.recommendation_reason.as_deref(), Some(d.reason.as_str()));
+    // A round without signals holds the recommendation and says why.
+    let unavailable = llmo_operator::autoscale::MetricsUnavailable {
+        reason: "NoReadyPods",
+        message: "no ready serving pod".into(),
+    };
+    status::record_hold(&mut st, 4, &unavailable);
+    assert_eq!(st.recommended_replicas, Some(4));
+    let reason = st.recommendation_reason.as_deref().unwrap();
+    assert!(
+        reason.contains("holding at 4") && reason.contains("NoReadyPods"),
+        "{reason}"
+    );
 }
 
 #[test]

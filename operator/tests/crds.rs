@@ -171,3 +171,35 @@ fn the_variant_without_cel_differs_only_by_the_cel_rules() {
         assert_eq!(stripped, without, "{name}");
     }
 }
+
+/// The KEDA example targets the scale subresource and reads the series the operator exports.
+#[test]
+fn the_keda_example_follows_the_exported_recommendation() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/autoscaling/keda-scaledobject.yaml");
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let target = &doc["spec"]["scaleTargetRef"];
+    assert_eq!(target["apiVersion"], "llmo.dev/v1alpha1");
+    assert_eq!(target["kind"], "ModelDeployment");
+    let trigger = &doc["spec"]["triggers"][0];
+    // AverageValue with threshold 1: the HPA sets ceil(value / 1) replicas, the recommendation.
+    assert_eq!(trigger["metricType"], "AverageValue");
+    assert_eq!(trigger["metadata"]["threshold"], "1");
+    let query = trigger["metadata"]["query"].as_str().unwrap();
+
+    let metrics = llmo_operator::reconcile::telemetry::Metrics::new();
+    metrics.record_recommendation("default", "chat", 3);
+    let text = metrics.encode();
+    let series = text
+        .lines()
+        .find(|l| l.contains("kind=\"recommended\""))
+        .expect("the recommendation is exported");
+    let (name, labels) = series.split_once('{').unwrap();
+    assert!(
+        query.contains(&format!("{name}{{")),
+        "{query} reads {series}"
+    );
+    for label in labels.split('}').next().unwrap().split(',') {
+        assert!(query.contains(label), "{query} lacks {label} of {series}");
+    }
+}

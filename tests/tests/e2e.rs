@@ -3,8 +3,9 @@
 //! the bundled SmolLM2 model served by llmo-serve from a Hub mirror. One cluster, in phases:
 //! apply -> Available -> a correct answer through the Service; a killed serving process -> its
 //! group replaced, requests resume; load under a tight TTFT SLO -> more replicas, then fewer; a
-//! spec change rolled out under load with no failed request; an invalid manifest refused;
-//! delete -> nothing left. Every process and file goes when the test ends, passed or failed.
+//! spec change rolled out under load with no failed request; external mode -> a recommendation
+//! on status and metrics, the count set through the scale subresource; an invalid manifest
+//! refused; delete -> nothing left. Every process and file goes when the test ends, passed or failed.
 
 use std::{
     path::PathBuf,
@@ -88,6 +89,25 @@ impl Cluster {
             "-o",
             "jsonpath={.metadata.annotations.llmo\\.dev/local-address}",
         ])
+    }
+
+    /// The operator's metrics, through its metrics Service.
+    fn operator_metrics(&self) -> String {
+        let address = self.get(&[
+            "-n",
+            NS,
+            "get",
+            "svc",
+            "llmo-operator-metrics",
+            "-o",
+            "jsonpath={.metadata.annotations.llmo\\.dev/local-address}",
+        ]);
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(format!("http://{address}/metrics"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     /// A chat completion through the Service; the answer, or why not.
@@ -385,6 +405,57 @@ fn the_whole_loop_on_a_local_cluster() {
         "no request fails during a rollout: {result}"
     );
     assert!(result["ok"].as_u64().unwrap_or(0) > 0, "{result}");
+
+    // External mode: llmo only recommends, HPA or KEDA (here `kubectl scale`) set the count
+    // through the scale subresource.
+    c.plane.ok(&[
+        "patch",
+        "md",
+        "smollm2",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"autoscaling":{"mode":"external"},"slo":{"ttft":"50ms"}}}"#,
+    ]);
+    let load = c.load(6, 45);
+    until(
+        "a recommendation of 2, on the operator's metrics",
+        minutes(2),
+        || {
+            (c.md("{.status.autoscaling.recommendedReplicas}") == "2"
+            && c.operator_metrics().contains(
+                r#"llmo_operator_deployment_replicas{namespace="default",deployment="smollm2",kind="recommended"} 2"#,
+            ))
+        .then_some(())
+        },
+    );
+    assert_eq!(
+        (
+            c.md("{.status.desiredReplicas}"),
+            c.plane.pods_of("smollm2").len()
+        ),
+        ("1".to_owned(), 1),
+        "in external mode llmo does not scale by itself"
+    );
+    c.plane.ok(&["scale", "md", "smollm2", "--replicas=2"]);
+    until("two groups from the scale subresource", minutes(2), || {
+        (c.md("{.spec.replicas.count}/{.status.desiredReplicas}") == "2/2"
+            && c.plane.pods_of("smollm2").len() == 2)
+            .then_some(())
+    });
+    let result = load_result(load);
+    println!("  load in external mode: {result}");
+    // Idle: the recommendation steps down after the scale-down delay; the count stays.
+    until("a recommendation of 1", minutes(2), || {
+        (c.md("{.status.autoscaling.recommendedReplicas}") == "1").then_some(())
+    });
+    assert_eq!(c.md("{.status.desiredReplicas}"), "2");
+    assert!(
+        !c.md("{.status.autoscaling.recommendationReason}")
+            .is_empty(),
+        "{}",
+        c.md("{.status.autoscaling}")
+    );
 
     // An invalid manifest is refused by the API server.
     let (ok, text) =

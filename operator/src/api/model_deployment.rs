@@ -557,7 +557,16 @@ pub struct AutoscalingStatus {
     /// Output tokens per US dollar at the observed rate and the GPUClass price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_dollar: Option<f64>,
-    /// The last ten scaling decisions, newest last.
+    /// Replicas llmo's policy recommends now. In `slo` mode it is `desiredReplicas`; in
+    /// `external` mode it is what llmo would set, exported as the metric
+    /// `llmo_operator_deployment_replicas{kind="recommended"}` for HPA or KEDA to follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_replicas: Option<i32>,
+    /// Why the policy recommends that count, in words, as of the last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendation_reason: Option<String>,
+    /// The last ten changes of the recommendation, newest last: scaling decisions in `slo` mode,
+    /// recommendations HPA or KEDA may follow in `external` mode.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub last_decisions: Vec<ScalingDecision>,

@@ -7,8 +7,15 @@
 //! each other. The reconciler turns `autoscaling.metricsReason` into the `MetricsAvailable`
 //! condition: Kubernetes 1.20 applies a CRD's condition list as one atomic field, so the list must
 //! have one writer. The reconciler reacts to the new
-//! `desiredReplicas` like to any other change of the object. Deployments in `external` mode are
-//! left alone: the scale subresource drives them.
+//! `desiredReplicas` like to any other change of the object.
+//!
+//! Deployments in `external` mode are measured and decided on the same way, but only recommended
+//! for: HPA or KEDA drive `replicas.count` through the scale subresource, and may follow
+//! `status.autoscaling.recommendedReplicas`, exported as
+//! `llmo_operator_deployment_replicas{kind="recommended"}`. The policy then runs on its own last
+//! recommendation, as if it had been applied, so the recommendation is the count llmo would set
+//! in `slo` mode, with the same stabilization, and it does not chase the external count. No Events
+//! and no `scaling_decisions_total`: nothing was scaled.
 //!
 //! Pods and deployments come from watches (reflector stores), so a round costs the API server
 //! nothing unless the outcome changed; scrapes go straight to the pods.
@@ -34,12 +41,15 @@ use tracing::{debug, info, warn};
 
 use super::{
     compute_signals, decide, parse_metrics,
-    status::{metrics_condition, record},
+    status::{metrics_condition, record, record_hold},
     DecisionKind, Observation, PolicyConfig, PolicyState, ScrapeHistory, SignalConfig,
 };
 use crate::{
     api::{AutoscalingMode, AutoscalingStatus, ModelDeployment},
-    reconcile::telemetry::{DecisionLabels, Metrics},
+    reconcile::{
+        desired_replicas,
+        telemetry::{DecisionLabels, Metrics},
+    },
     workload::{HTTP_PORT, LABEL_DEPLOYMENT, LABEL_RANK, LABEL_SERVING},
 };
 
@@ -230,9 +240,7 @@ pub async fn run(
         metrics.retain_deployments(&existing);
         let pod_list = pods.state();
         for md in all {
-            if md.spec.autoscaling.mode != AutoscalingMode::Slo
-                || md.metadata.deletion_timestamp.is_some()
-            {
+            if md.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let key = (md.namespace().unwrap_or_default(), md.name_any());
@@ -279,12 +287,23 @@ async fn round(
     let signals = compute_signals(&tracked.history, &names, t, &signal_cfg);
 
     let status = md.status.clone().unwrap_or_default();
-    let current = u32::try_from(status.desired_replicas)
-        .ok()
-        .filter(|d| *d > 0)
-        .unwrap_or(cfg.min)
-        .clamp(cfg.min, cfg.max.max(cfg.min));
     let mut autoscaling = status.autoscaling.clone().unwrap_or_default();
+    let external = md.spec.autoscaling.mode == AutoscalingMode::External;
+    // The count the policy last chose: applied (`desiredReplicas`) in `slo` mode, recommended in
+    // `external` mode, where it starts from the count HPA or KEDA set.
+    let current = if external {
+        autoscaling
+            .recommended_replicas
+            .and_then(|r| u32::try_from(r).ok())
+            .filter(|r| *r > 0)
+            .unwrap_or_else(|| desired_replicas(md))
+    } else {
+        u32::try_from(status.desired_replicas)
+            .ok()
+            .filter(|d| *d > 0)
+            .unwrap_or(cfg.min)
+    }
+    .clamp(cfg.min, cfg.max.max(cfg.min));
     let mut desired = current;
     if let Ok(s) = &signals {
         let obs = Observation {
@@ -299,6 +318,7 @@ async fn round(
         tracked.state = next;
         if decision.kind == DecisionKind::Hold {
             debug!(
+                external,
                 deployment = %md.name_any(),
                 replicas = decision.from,
                 ready = obs.ready,
@@ -312,13 +332,14 @@ async fn round(
         } else {
             info!(
                 deployment = %md.name_any(),
+                external,
                 from = decision.from,
                 to = decision.to,
                 reason = %decision.reason,
                 "scaling decision"
             );
         }
-        if let Some((reason, direction)) = decision_reason(decision.kind) {
+        if let Some((reason, direction)) = decision_reason(decision.kind).filter(|_| !external) {
             out.metrics
                 .scaling_decisions
                 .get_or_create(&DecisionLabels {
@@ -349,11 +370,22 @@ async fn round(
     }
     if let Err(e) = &signals {
         debug!(deployment = %md.name_any(), reason = e.reason, message = %e.message, "no signals");
+        record_hold(&mut autoscaling, current, e);
     }
+    out.metrics.record_recommendation(
+        &md.namespace().unwrap_or_default(),
+        &md.name_any(),
+        autoscaling
+            .recommended_replicas
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(current),
+    );
     let (_, reason, message) = metrics_condition(&signals);
     autoscaling.metrics_reason = Some(reason.to_owned());
     autoscaling.metrics_message = Some(message);
-    let unchanged = i64::from(desired) == i64::from(status.desired_replicas)
+    // In `external` mode `desiredReplicas` is the reconciler's: the count HPA or KEDA set.
+    let desired = (!external).then_some(desired);
+    let unchanged = desired.is_none_or(|d| i64::from(d) == i64::from(status.desired_replicas))
         && status.autoscaling.as_ref() == Some(&autoscaling);
     if unchanged {
         return Ok(());
@@ -378,18 +410,19 @@ async fn scrape(http: &reqwest::Client, pod: &ServingPod) -> Result<super::PodMe
 async fn write(
     client: &Client,
     md: &ModelDeployment,
-    desired: u32,
+    desired: Option<u32>,
     autoscaling: &AutoscalingStatus,
 ) -> Result<(), kube::Error> {
     let api: Api<ModelDeployment> =
         Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let mut status = json!({ "autoscaling": autoscaling });
+    if let Some(desired) = desired {
+        status["desiredReplicas"] = json!(desired);
+    }
     let body = json!({
         "apiVersion": ModelDeployment::api_version(&()),
         "kind": ModelDeployment::kind(&()),
-        "status": {
-            "desiredReplicas": desired,
-            "autoscaling": autoscaling,
-        },
+        "status": status,
     });
     api.patch_status(
         &md.name_any(),

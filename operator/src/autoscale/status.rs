@@ -32,8 +32,8 @@ impl Decision {
     }
 }
 
-/// Updates `status` with this round's signals and, when the count changed, the decision.
-/// `price_per_replica_hour` comes from the GPUClass price times GPUs per replica.
+/// Updates `status` with this round's signals and recommendation and, when the count changed,
+/// the decision. `price_per_replica_hour` comes from the GPUClass price times GPUs per replica.
 pub fn record(
     status: &mut AutoscalingStatus,
     signals: &Signals,
@@ -52,11 +52,23 @@ pub fn record(
         .map(|p| {
             (signals.generation_tokens_per_second * 3600.0 / (p * signals.pods as f64)).round()
         });
+    status.recommended_replicas = Some(i32::try_from(decision.to).unwrap_or(i32::MAX));
+    status.recommendation_reason = Some(decision.reason.clone());
     if decision.kind != DecisionKind::Hold {
         status.last_decisions.push(decision.to_status(Time(now)));
         let excess = status.last_decisions.len().saturating_sub(KEPT_DECISIONS);
         status.last_decisions.drain(..excess);
     }
+}
+
+/// Updates `status` for a round without signals: the recommendation holds at `current`, and
+/// the reason says why nothing was decided.
+pub fn record_hold(status: &mut AutoscalingStatus, current: u32, unavailable: &MetricsUnavailable) {
+    status.recommended_replicas = Some(i32::try_from(current).unwrap_or(i32::MAX));
+    status.recommendation_reason = Some(format!(
+        "holding at {current}: no signals ({}: {})",
+        unavailable.reason, unavailable.message
+    ));
 }
 
 /// The `(status, reason, message)` of the MetricsAvailable condition for this round.

@@ -7,7 +7,9 @@
 //!   `list`, `watch`, `create`, `patch`, `update`, `delete`) by resource, counted on the client
 //!   itself, so nothing is missed;
 //! - `llmo_operator_groups{state}`: replica groups by state, summed over deployments;
-//! - `llmo_operator_deployment_replicas{namespace,deployment,kind}`: `desired` and `ready`;
+//! - `llmo_operator_deployment_replicas{namespace,deployment,kind}`: `desired` and `ready`, and
+//!   `recommended`, the count the autoscaler's policy recommends (in `external` mode, for HPA or
+//!   KEDA to follow);
 //! - `llmo_operator_leader`: 1 while this replica holds the lease.
 //!
 //! `/healthz` answers 200 while the process runs its loops; `/readyz` answers 200 once the CRDs
@@ -78,7 +80,7 @@ pub struct ReplicaLabels {
     pub namespace: String,
     /// Name of the deployment.
     pub deployment: String,
-    /// `desired` or `ready`.
+    /// `desired`, `ready` or `recommended`.
     pub kind: &'static str,
 }
 
@@ -97,7 +99,7 @@ pub struct Metrics {
     pub api_requests: Family<VerbLabel, Counter>,
     /// Groups by state.
     pub groups: Family<StateLabel, Gauge>,
-    /// Desired and ready replicas per deployment.
+    /// Desired, ready and recommended replicas per deployment.
     pub replicas: Family<ReplicaLabels, Gauge>,
     /// The autoscaler's replica changes per deployment, by direction.
     pub scaling_decisions: Family<DecisionLabels, Counter>,
@@ -144,7 +146,7 @@ impl Metrics {
         let replicas = Family::<ReplicaLabels, Gauge>::default();
         registry.register(
             "deployment_replicas",
-            "Desired and ready replicas of each ModelDeployment",
+            "Desired, ready and recommended (by the SLO policy) replicas of each ModelDeployment",
             replicas.clone(),
         );
         let scaling_decisions = Family::<DecisionLabels, Counter>::default();
@@ -197,6 +199,24 @@ impl Metrics {
         }
     }
 
+    /// Records the replica count the autoscaler's policy recommends for one deployment.
+    pub fn record_recommendation(&self, namespace: &str, deployment: &str, replicas: u32) {
+        // Known to `retain_deployments` even before its first reconcile, so the series ends
+        // with the deployment.
+        self.per_deployment
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((namespace.to_owned(), deployment.to_owned()))
+            .or_default();
+        self.replicas
+            .get_or_create(&ReplicaLabels {
+                namespace: namespace.to_owned(),
+                deployment: deployment.to_owned(),
+                kind: "recommended",
+            })
+            .set(i64::from(replicas));
+    }
+
     /// Forgets every deployment not in `existing` (namespace, name): their series end.
     pub fn retain_deployments(&self, existing: &std::collections::BTreeSet<(String, String)>) {
         let gone: Vec<(String, String)> = self
@@ -215,7 +235,7 @@ impl Metrics {
     /// Forgets a deleted deployment.
     pub fn forget_deployment(&self, namespace: &str, deployment: &str) {
         self.set_groups((namespace.to_owned(), deployment.to_owned()), None);
-        for kind in ["desired", "ready"] {
+        for kind in ["desired", "ready", "recommended"] {
             self.replicas.remove(&ReplicaLabels {
                 namespace: namespace.to_owned(),
                 deployment: deployment.to_owned(),
@@ -446,6 +466,29 @@ mod tests {
         assert_eq!(ready(&m), 0);
         let text = m.encode();
         assert!(!text.contains("deployment=\"y\""), "{text}");
+    }
+
+    #[test]
+    fn recommendations_are_exported_and_end_with_their_deployment() {
+        let m = Metrics::new();
+        m.record_recommendation("a", "x", 3);
+        m.record_deployment("a", "x", &[GroupState::Ready], 2, 2);
+        m.record_recommendation("b", "y", 5);
+        let text = m.encode();
+        for want in [
+            r#"llmo_operator_deployment_replicas{namespace="a",deployment="x",kind="recommended"} 3"#,
+            r#"llmo_operator_deployment_replicas{namespace="a",deployment="x",kind="desired"} 2"#,
+            r#"llmo_operator_deployment_replicas{namespace="b",deployment="y",kind="recommended"} 5"#,
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        // A recommendation alone (no reconcile yet) still ends when its deployment goes.
+        m.retain_deployments(&[("a".to_owned(), "x".to_owned())].into_iter().collect());
+        let text = m.encode();
+        assert!(!text.contains("deployment=\"y\""), "{text}");
+        assert!(text.contains("kind=\"recommended\"} 3"), "{text}");
+        m.forget_deployment("a", "x");
+        assert!(!m.encode().contains("kind=\"recommended\""));
     }
 
     #[test]
