@@ -1,6 +1,7 @@
 //! Matmul speed of the weight formats on the shapes of SmolLM2-135M, against f32 in the same run:
 //! f32 (candle's GEMM), candle's Q8_0, and llmo's W8A8 and W4A8 kernels, for a few batch sizes.
-//! W8A8 runs with the CPU's best kernel and again with the AVX2 one (what CPUs without VNNI get).
+//! W8A8 and W4A8 run with the CPU's best kernel and again with the AVX2 one (what CPUs without
+//! VNNI get).
 //!
 //! `cargo run --release -p llmo-serve --example int8_bench -- [threads]`
 
@@ -26,6 +27,11 @@ fn time(mut f: impl FnMut()) -> f64 {
     best
 }
 
+/// `t ÷ f` to two places, or `-` for a kernel this CPU lacks.
+fn ratio(t: Option<f64>, f: f64) -> String {
+    t.map_or("-".into(), |t| format!("{:.2}", t / f))
+}
+
 fn main() {
     let threads: usize = std::env::args()
         .nth(1)
@@ -40,9 +46,9 @@ fn main() {
         ("lm_head", 49152, 576),
     ];
     println!(
-        "| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time | int8 AVX2 ÷ f32 time | int4 ÷ f32 time |"
+        "| matrix | rows | f32 GFLOP/s | Q8_0 ÷ f32 time | int8 ÷ f32 time | int8 AVX2 ÷ f32 time | int4 ÷ f32 time | int4 AVX2 ÷ f32 time |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let avx2 = Kernel::available().contains(&Kernel::Avx2);
     for (name, n, k) in shapes {
         let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
@@ -74,13 +80,19 @@ fn main() {
             let i4 = time(|| {
                 i4m.matmul(&xv, m);
             });
+            let i42 = avx2.then(|| {
+                time(|| {
+                    i4m.matmul_with(Kernel::Avx2, &xv, m);
+                })
+            });
             let gflops = 2.0 * (m * n * k) as f64 / f / 1e9;
             println!(
-                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} | {} | {:.2} |",
+                "| {name} | {m} | {gflops:.1} | {:.2} | {:.2} | {} | {:.2} | {} |",
                 q / f,
                 i / f,
-                i2.map_or("-".into(), |t| format!("{:.2}", t / f)),
-                i4 / f
+                ratio(i2, f),
+                i4 / f,
+                ratio(i42, f)
             );
         }
     }

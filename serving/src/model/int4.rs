@@ -9,10 +9,12 @@
 //! `Σ w·x = d · sₐ · Σ q·a + m · sₐ · Σ a`
 //!
 //! `vpdpbusd` multiplies the unsigned weight nibbles by the signed activations directly, so no
-//! offset correction is needed. A weight panel step holds 16 outputs × 8 inputs in 64 bytes:
-//! the low nibbles are the first 4 inputs, the high nibbles the next 4. As with int8, block
-//! sums are exact and added in a fixed order, so a row's output does not depend on its batch,
-//! and the scalar loop gives the same bits as the AVX-512 one.
+//! offset correction is needed. On CPUs without VNNI, AVX2's `vpmaddubsw` does the same
+//! unsigned × signed products in 16-bit pair sums (at most 2 · 15 · 128, so they never
+//! saturate), which add up exactly within a block. A weight panel step holds 16 outputs × 8
+//! inputs in 64 bytes: the low nibbles are the first 4 inputs, the high nibbles the next 4. As
+//! with int8, block sums are exact and added in a fixed order, so a row's output does not depend
+//! on its batch, and the scalar loop gives the same bits as the AVX-512 and AVX2 ones.
 
 // SIMD intrinsics and the tiles' raw pointers into a shared output buffer need `unsafe`; each
 // block says why it holds.
@@ -20,7 +22,7 @@
 
 use half::f16;
 
-use super::int8::{quantize_acts, run_tiles, Acts, Kernel, BLOCK};
+use super::int8::{quantize_acts, run_tiles, Acts, Kernel, BLOCK, MR};
 
 /// Output rows per weight panel.
 const LANES: usize = 16;
@@ -223,6 +225,8 @@ impl Int4Matrix {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => vnni::dispatch(&t, mr, nj),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::dispatch(&t, mr, nj),
             _ => scalar_tile(&t, mr, nj),
         }
     }
@@ -271,22 +275,9 @@ unsafe fn scalar_tile(t: &Tile, mr: usize, nj: usize) {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Tile, BLOCK, LANES, NJ, STEP};
+    use super::{Tile, BLOCK, LANES, STEP};
 
-    /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
-    pub(super) unsafe fn dispatch(t: &Tile, mr: usize, nj: usize) {
-        match (mr, nj) {
-            (4, 2) => tile::<4, 2>(t),
-            (4, 1) => tile::<4, 1>(t),
-            (3, 2) => tile::<3, 2>(t),
-            (3, 1) => tile::<3, 1>(t),
-            (2, 2) => tile::<2, 2>(t),
-            (2, 1) => tile::<2, 1>(t),
-            (1, 2) => tile::<1, 2>(t),
-            (1, 1) => tile::<1, 1>(t),
-            _ => unreachable!("tile of {mr} rows × {nj} panels exceeds 4 × {NJ}"),
-        }
-    }
+    crate::model::int8::tile_dispatch!(2);
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<const R: usize, const J: usize>(t: &Tile) {
@@ -335,6 +326,81 @@ mod vnni {
         for j in 0..J {
             for (r, row) in facc.iter().enumerate() {
                 _mm512_storeu_ps(t.out.add(r * t.np + j * LANES), row[j]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, BLOCK, LANES, STEP};
+
+    crate::model::int8::tile_dispatch!(2);
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize, const J: usize>(t: &Tile) {
+        let nb = t.kp / BLOCK;
+        let panel = LANES * t.kp / 2;
+        let nibble = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        // Each panel is two registers: outputs 0..8 and 8..16.
+        let mut facc = [[[_mm256_setzero_ps(); 2]; J]; R];
+        for b in 0..nb {
+            // A block's products, in 16-bit lanes of 16 products each: |Σ| ≤ 16 · 15 · 128,
+            // below 2^15, so the sums are exact.
+            let mut pacc = [[[_mm256_setzero_si256(); 2]; J]; R];
+            for pair in 0..BLOCK / 8 {
+                let i = b * BLOCK + pair * 8;
+                let mut lo = [[_mm256_setzero_si256(); 2]; J];
+                let mut hi = [[_mm256_setzero_si256(); 2]; J];
+                for j in 0..J {
+                    for h in 0..2 {
+                        let v =
+                            _mm256_loadu_si256(t.w.add(j * panel + (i / 8) * STEP + h * 32).cast());
+                        lo[j][h] = _mm256_and_si256(v, nibble);
+                        hi[j][h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
+                    }
+                }
+                for (r, row) in pacc.iter_mut().enumerate() {
+                    let a = t.a.add(r * t.kp + i);
+                    let a0 = _mm256_set1_epi32(a.cast::<i32>().read_unaligned());
+                    let a1 = _mm256_set1_epi32(a.add(4).cast::<i32>().read_unaligned());
+                    for j in 0..J {
+                        for h in 0..2 {
+                            let four = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[j][h], a0),
+                                _mm256_maddubs_epi16(hi[j][h], a1),
+                            );
+                            row[j][h] = _mm256_add_epi16(row[j][h], four);
+                        }
+                    }
+                }
+            }
+            for j in 0..J {
+                for h in 0..2 {
+                    let at = (j * nb + b) * LANES + h * 8;
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(t.d.add(at).cast()));
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(t.m.add(at).cast()));
+                    for r in 0..R {
+                        let s = _mm256_mul_ps(d, _mm256_set1_ps(*t.sa.add(r * nb + b)));
+                        let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pacc[r][j][h], ones));
+                        facc[r][j][h] = _mm256_fmadd_ps(sum, s, facc[r][j][h]);
+                        facc[r][j][h] = _mm256_fmadd_ps(
+                            m,
+                            _mm256_set1_ps(*t.sum.add(r * nb + b)),
+                            facc[r][j][h],
+                        );
+                    }
+                }
+            }
+        }
+        for j in 0..J {
+            for (r, row) in facc.iter().enumerate() {
+                for (h, half) in row[j].iter().enumerate() {
+                    _mm256_storeu_ps(t.out.add(r * t.np + j * LANES + h * 8), *half);
+                }
             }
         }
     }
@@ -433,18 +499,47 @@ mod tests {
 
     #[test]
     fn kernels_agree_bit_for_bit_and_rows_ignore_their_batch() {
-        let kernel = Kernel::best();
-        for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
-            let q = Int4Matrix::quantize(&data(n * k, 3), n, k);
-            let x = data(m * k, 4);
-            let all = q.matmul_with(kernel, &x, m);
-            assert_eq!(
-                q.matmul_with(Kernel::Scalar, &x, m),
-                all,
-                "{m}×{n}×{k} {kernel:?}"
-            );
-            for r in 0..m {
-                assert_eq!(q.matmul(&x[r * k..(r + 1) * k], 1), all[r * n..(r + 1) * n]);
+        // Nibbles at 15 (a block of 3.0 but for one 0.0) times activations at ±127 after
+        // rounding: the largest 16-bit sums the AVX2 kernel keeps within a block, close to
+        // 16 · 15 · 127 per lane. Then nibbles alternating 0 and 15 against alternating signs.
+        let extreme = |len: usize, flip: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    if (i / flip).is_multiple_of(2) {
+                        3.0
+                    } else {
+                        -3.0
+                    }
+                })
+                .collect()
+        };
+        for kernel in Kernel::available() {
+            for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
+                let cases = [
+                    (data(n * k, 3), data(m * k, 4)),
+                    (
+                        (0..n * k)
+                            .map(|i| if i % BLOCK == 0 { 0.0 } else { 3.0 })
+                            .collect(),
+                        extreme(m * k, 64),
+                    ),
+                    (extreme(n * k, 1), extreme(m * k, 1)),
+                ];
+                for (w, x) in cases {
+                    let q = Int4Matrix::quantize(&w, n, k);
+                    let all = q.matmul_with(kernel, &x, m);
+                    assert_eq!(
+                        q.matmul_with(Kernel::Scalar, &x, m),
+                        all,
+                        "{m}×{n}×{k} {kernel:?}"
+                    );
+                    for r in 0..m {
+                        assert_eq!(
+                            q.matmul_with(kernel, &x[r * k..(r + 1) * k], 1),
+                            all[r * n..(r + 1) * n]
+                        );
+                    }
+                }
             }
         }
     }

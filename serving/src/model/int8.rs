@@ -30,14 +30,14 @@ const LANES: usize = 16;
 /// Bytes of one panel step: 16 outputs × 4 inputs.
 const STEP: usize = LANES * 4;
 /// Register tile of the VNNI kernel: rows of input × panels of output.
-const MR: usize = 4;
+pub(super) const MR: usize = 4;
 const NJ: usize = 3;
 
 /// Which inner loop runs the matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
-    /// AVX2 without VNNI (int8 only; int4 runs the scalar loop there).
+    /// AVX2 (with FMA and F16C) without VNNI.
     Avx2,
     Avx512Vnni,
 }
@@ -55,6 +55,7 @@ impl Kernel {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 out.push(Self::Avx2);
             }
@@ -381,26 +382,23 @@ unsafe fn scalar_tile(t: &Tile, mr: usize, nj: usize) {
 }
 
 /// Defines the module's `dispatch(t, mr, nj)`: it runs the module's `tile::<R, J>`, specialised
-/// for each tile shape `run_tiles` hands out (at most [`MR`] × [`NJ`]) so that the accumulators
-/// stay in registers.
+/// for each tile shape `run_tiles` hands out (at most [`MR`] rows × the format's panels per tile,
+/// 3 or 2) so that the accumulators stay in registers.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile_dispatch {
-    () => {
+    (3) => {
+        $crate::model::int8::tile_dispatch!(@arms (4, 3), (4, 2), (4, 1), (3, 3), (3, 2), (3, 1),
+            (2, 3), (2, 2), (2, 1), (1, 3), (1, 2), (1, 1));
+    };
+    (2) => {
+        $crate::model::int8::tile_dispatch!(@arms (4, 2), (4, 1), (3, 2), (3, 1), (2, 2), (2, 1),
+            (1, 2), (1, 1));
+    };
+    (@arms $(($r:literal, $j:literal)),*) => {
         /// Runs the tile kernel specialised for `mr` rows and `nj` panels.
         pub(super) unsafe fn dispatch(t: &super::Tile, mr: usize, nj: usize) {
             match (mr, nj) {
-                (4, 3) => tile::<4, 3>(t),
-                (4, 2) => tile::<4, 2>(t),
-                (4, 1) => tile::<4, 1>(t),
-                (3, 3) => tile::<3, 3>(t),
-                (3, 2) => tile::<3, 2>(t),
-                (3, 1) => tile::<3, 1>(t),
-                (2, 3) => tile::<2, 3>(t),
-                (2, 2) => tile::<2, 2>(t),
-                (2, 1) => tile::<2, 1>(t),
-                (1, 3) => tile::<1, 3>(t),
-                (1, 2) => tile::<1, 2>(t),
-                (1, 1) => tile::<1, 1>(t),
+                $(($r, $j) => tile::<$r, $j>(t),)*
                 _ => unreachable!(
                     "tile of {mr} rows × {nj} panels exceeds {} × {}",
                     super::MR,
@@ -410,6 +408,8 @@ macro_rules! tile_dispatch {
         }
     };
 }
+#[cfg(target_arch = "x86_64")]
+pub(super) use tile_dispatch;
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
@@ -417,7 +417,7 @@ mod vnni {
 
     use super::{Tile, BLOCK, LANES, STEP};
 
-    tile_dispatch!();
+    tile_dispatch!(3);
 
     /// Quantizes whole blocks of `x` as [`super::quantize_block`] does, bit for bit: the
     /// maximum is exact in any order and the conversion rounds to nearest even.
@@ -503,7 +503,7 @@ mod avx2 {
 
     use super::{Tile, BLOCK, LANES, STEP};
 
-    tile_dispatch!();
+    tile_dispatch!(3);
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize, const J: usize>(t: &Tile) {

@@ -4,8 +4,8 @@
 //! AVX-512 VNNI they multiply about 3× faster than f32 at prefill batch sizes and up to 10× or
 //! more at decode on the 135M SmolLM2 (`cargo run --release -p llmo-serve --example
 //! int8_bench`), with perplexity within 1 % of f32's (`int4` takes a file's Q4_0/Q4_1 blocks as
-//! they are). On AVX2 without VNNI, `int8` runs an AVX2 kernel, and `int4` the scalar loop.
-//! Elsewhere both run that scalar loop, which computes the same numbers, slowly.
+//! they are). On AVX2 without VNNI both run AVX2 kernels; elsewhere a scalar loop. All three
+//! compute the same numbers, bit for bit.
 //! candle's quantized kernels (Q4_0, Q8_0, the k-quants; AVX2 dot products, tiled only when the
 //! inner dimension is a multiple of 256) are slower than f32 at batch sizes above one on such
 //! shapes, and they too round activations to 8 bits.
