@@ -148,6 +148,41 @@ impl ControlPlane {
         ]);
     }
 
+    /// The CRDs, the default GPU classes, and GPU-less nodes `names`, each with a node agent that
+    /// reports it as the `cpu` class (no NVML here); returns once every GPUNode says so. The
+    /// agents stop when the guards drop.
+    pub fn cpu_nodes_with_agents(&self, names: &[&str]) -> Vec<KillOnDrop> {
+        self.install_crds();
+        self.ok(&["apply", "-f", "examples/gpuclasses.yaml"]);
+        let agents = names
+            .iter()
+            .map(|n| {
+                self.add_node(n, &[]);
+                self.spawn_operator(&[
+                    "agent",
+                    "--node-name",
+                    n,
+                    "--cpu-class",
+                    "cpu",
+                    "--interval",
+                    "1s",
+                ])
+            })
+            .collect();
+        let want = vec!["cpu"; names.len()].join(" ");
+        self.eventually(
+            "a GPUNode from every agent",
+            &[
+                "get",
+                "gpunodes",
+                "-o",
+                "jsonpath={.items[*].status.gpuClass}",
+            ],
+            |t| t == want,
+        );
+        agents
+    }
+
     /// Starts `llmo-operator ARGS` against this control plane; it stops when the guard drops.
     /// Its log (info level) goes to a file of this control plane's directory, and a timed-out
     /// [`Self::eventually`] shows the end of it.

@@ -2,7 +2,7 @@
 //! the test plays it by marking pods ready through their status, and watches the operator
 //! create, scale, roll, repair and delete replica groups.
 
-use llmo_e2e::cluster::{ControlPlane, KillOnDrop};
+use llmo_e2e::cluster::ControlPlane;
 
 fn condition(plane: &ControlPlane, type_: &str) -> String {
     plane.ok(&["get", "md", "smollm2", "-o", &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}")])
@@ -11,36 +11,9 @@ fn condition(plane: &ControlPlane, type_: &str) -> String {
 #[test]
 fn the_operator_runs_a_deployment_through_its_life() {
     let plane = ControlPlane::start();
-    plane.install_crds();
-    plane.ok(&["apply", "-f", "examples/gpuclasses.yaml"]);
-    plane.add_node("cpu-a", &[]);
-    plane.add_node("cpu-b", &[]);
     // Node agents report both nodes as `cpu` (no NVML here).
-    let _agents: Vec<KillOnDrop> = ["cpu-a", "cpu-b"]
-        .iter()
-        .map(|n| {
-            plane.spawn_operator(&[
-                "agent",
-                "--node-name",
-                n,
-                "--cpu-class",
-                "cpu",
-                "--interval",
-                "1s",
-            ])
-        })
-        .collect();
+    let _agents = plane.cpu_nodes_with_agents(&["cpu-a", "cpu-b"]);
     let _operator = plane.spawn_operator(&["run"]);
-    plane.eventually(
-        "both GPUNodes",
-        &[
-            "get",
-            "gpunodes",
-            "-o",
-            "jsonpath={.items[*].status.gpuClass}",
-        ],
-        |t| t == "cpu cpu",
-    );
 
     // Apply: one group, planned, placed, its services, and status that says so.
     plane.ok(&["apply", "-f", "examples/smollm2-cpu.yaml"]);
