@@ -37,7 +37,9 @@ pub fn quantity_value(q: &Quantity) -> Result<f64, QuantityError> {
     parse_quantity(&q.0)
 }
 
-/// Parses the quantity grammar Kubernetes accepts for resources, except exponent forms.
+/// Parses the quantity grammar Kubernetes accepts (and [`QUANTITY_PATTERN`] admits): decimal
+/// and binary suffixes (`n` … `E`, `Ki` … `Ei`) and exponents (`1e9`, `2.5E-3`). A negative
+/// quantity is refused: nothing llmo reads may be below zero.
 pub fn parse_quantity(input: &str) -> Result<f64, QuantityError> {
     let err = |reason| QuantityError {
         input: input.to_owned(),
@@ -57,22 +59,32 @@ pub fn parse_quantity(input: &str) -> Result<f64, QuantityError> {
     let number: f64 = number.parse().map_err(|_| err("the number is malformed"))?;
     let scale = match suffix {
         "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
         "m" => 1e-3,
         "k" => 1e3,
         "M" => 1e6,
         "G" => 1e9,
         "T" => 1e12,
         "P" => 1e15,
+        "E" => 1e18,
         "Ki" => 1024.0,
         "Mi" => 1024f64.powi(2),
         "Gi" => 1024f64.powi(3),
         "Ti" => 1024f64.powi(4),
         "Pi" => 1024f64.powi(5),
-        _ => {
-            return Err(err(
-                "the suffix is not one of m, k, M, G, T, P, Ki, Mi, Gi, Ti, Pi",
-            ))
-        }
+        "Ei" => 1024f64.powi(6),
+        exponent => match exponent
+            .strip_prefix(['e', 'E'])
+            .and_then(|e| e.parse::<f64>().ok())
+        {
+            Some(e) if e.is_finite() => 10f64.powf(e),
+            _ => {
+                return Err(err(
+                    "the suffix is not one of n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent like e9",
+                ))
+            }
+        },
     };
     Ok(number * scale)
 }
@@ -110,6 +122,31 @@ mod tests {
         assert_eq!(parse_quantity("141G").unwrap(), 141e9);
         assert_eq!(parse_quantity("500m").unwrap(), 0.5);
         assert_eq!(parse_quantity("4").unwrap(), 4.0);
+        assert_eq!(parse_quantity("+2").unwrap(), 2.0);
+        assert_eq!(parse_quantity(".5").unwrap(), 0.5);
+        assert_eq!(parse_quantity("250u").unwrap(), 250e-6);
+        assert_eq!(parse_quantity("1Ei").unwrap(), 1024f64.powi(6));
+    }
+
+    #[test]
+    fn reads_exponents_as_the_api_server_admits_them() {
+        assert_eq!(parse_quantity("1e9").unwrap(), 1e9);
+        assert_eq!(parse_quantity("2.5E3").unwrap(), 2500.0);
+        assert!((parse_quantity("5e-3").unwrap() - 0.005).abs() < 1e-15);
+        assert_eq!(parse_quantity("1e+3").unwrap(), 1000.0);
+        // Everything the CRD pattern admits parses, and what it refuses is refused here too.
+        let pattern = regex::Regex::new(QUANTITY_PATTERN).unwrap();
+        for q in [
+            "1e9", "2.5E3", "1e+3", "5e-3", "80Gi", "1.5", ".5", "+2", "500m", "7n", "3u", "1E",
+            "2Ei",
+        ] {
+            assert!(pattern.is_match(q), "{q}");
+            assert!(parse_quantity(q).is_ok(), "{q}");
+        }
+        for q in ["80GB", "1e", "e3", "1.2.3", "Gi", "1 Gi", "1ki"] {
+            assert!(!pattern.is_match(q), "{q}");
+            assert!(parse_quantity(q).is_err(), "{q}");
+        }
     }
 
     #[test]

@@ -237,35 +237,10 @@ pub fn resource_value(
     Ok(format!("{scaled:.0}"))
 }
 
-/// A Kubernetes quantity as a number (`500m` = 0.5, `1Gi` = 2^30).
+/// A Kubernetes quantity as a number (`500m` = 0.5, `1Gi` = 2^30, `1e3` = 1000): the
+/// operator's reading, so both sides agree on the grammar.
 pub fn parse_quantity(q: &str) -> Option<f64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let factor = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        s => {
-            let exp: i32 = s.strip_prefix(['e', 'E'])?.parse().ok()?;
-            10f64.powi(exp)
-        }
-    };
-    Some(number * factor)
+    llmo_operator::api::quantity::parse_quantity(q).ok()
 }
 
 /// Whether `name` may be an environment variable (what `envFrom` imports).
