@@ -91,6 +91,12 @@ impl Cluster {
         ])
     }
 
+    /// Merges `json` into the ModelDeployment.
+    fn patch(&self, json: &str) {
+        self.plane
+            .ok(&["patch", "md", "smollm2", "--type", "merge", "-p", json]);
+    }
+
     /// The operator's metrics, through its metrics Service.
     fn operator_metrics(&self) -> String {
         let address = self.get(&[
@@ -287,10 +293,9 @@ fn the_whole_loop_on_a_local_cluster() {
 
     // Apply -> Available -> a correct answer through the Service.
     c.plane.ok(&["apply", "-f", "examples/smollm2-cpu.yaml"]);
-    c.plane.ok(&[
-        "patch", "md", "smollm2", "--type", "merge", "-p",
+    c.patch(
         r#"{"spec":{"replicas":{"min":1,"max":2},"autoscaling":{"interval":"2s","scaleDownDelay":"15s"}}}"#,
-    ]);
+    );
     until("Available", minutes(4), || {
         (c.md("{.status.conditions[?(@.type==\"Available\")].status}") == "True").then_some(())
     });
@@ -321,15 +326,7 @@ fn the_whole_loop_on_a_local_cluster() {
     });
 
     // A tight TTFT target under load: a second replica; when the load stops, back to one.
-    c.plane.ok(&[
-        "patch",
-        "md",
-        "smollm2",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"slo":{"ttft":"50ms"}}}"#,
-    ]);
+    c.patch(r#"{"spec":{"slo":{"ttft":"50ms"}}}"#);
     let load = c.load(6, 60);
     until("the autoscaler asks for 2", minutes(2), || {
         (c.md("{.status.desiredReplicas}") == "2").then_some(())
@@ -374,15 +371,7 @@ fn the_whole_loop_on_a_local_cluster() {
     let old = c.md("{.status.revision}");
     let load = c.load(2, 75);
     std::thread::sleep(Duration::from_secs(5));
-    c.plane.ok(&[
-        "patch",
-        "md",
-        "smollm2",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"slo":{"ttft":"30s"},"serving":{"maxBatchTokens":1024}}}"#,
-    ]);
+    c.patch(r#"{"spec":{"slo":{"ttft":"30s"},"serving":{"maxBatchTokens":1024}}}"#);
     until("a new revision", minutes(1), || {
         Some(c.md("{.status.revision}")).filter(|r| !r.is_empty() && *r != old)
     });
@@ -408,15 +397,7 @@ fn the_whole_loop_on_a_local_cluster() {
 
     // External mode: llmo only recommends, HPA or KEDA (here `kubectl scale`) set the count
     // through the scale subresource.
-    c.plane.ok(&[
-        "patch",
-        "md",
-        "smollm2",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"autoscaling":{"mode":"external"},"slo":{"ttft":"50ms"}}}"#,
-    ]);
+    c.patch(r#"{"spec":{"autoscaling":{"mode":"external"},"slo":{"ttft":"50ms"}}}"#);
     let load = c.load(6, 45);
     until(
         "a recommendation of 2, on the operator's metrics",

@@ -408,7 +408,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::int8::tests::{data, fake_quant};
+    use super::super::int8::tests::{data, extreme, fake_quant};
     use super::*;
 
     /// The weights a matrix stands for, widened back (`d · q + m`), row-major.
@@ -502,17 +502,6 @@ mod tests {
         // Nibbles at 15 (a block of 3.0 but for one 0.0) times activations at ±127 after
         // rounding: the largest 16-bit sums the AVX2 kernel keeps within a block, close to
         // 16 · 15 · 127 per lane. Then nibbles alternating 0 and 15 against alternating signs.
-        let extreme = |len: usize, flip: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| {
-                    if (i / flip).is_multiple_of(2) {
-                        3.0
-                    } else {
-                        -3.0
-                    }
-                })
-                .collect()
-        };
         for kernel in Kernel::available() {
             for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
                 let cases = [

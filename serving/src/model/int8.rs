@@ -591,6 +591,19 @@ pub(super) mod tests {
         out
     }
 
+    /// `len` values of ±3.0, the sign flipping every `flip` values: ±127 once quantized.
+    pub(in crate::model) fn extreme(len: usize, flip: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                if (i / flip).is_multiple_of(2) {
+                    3.0
+                } else {
+                    -3.0
+                }
+            })
+            .collect()
+    }
+
     /// Rounds like the kernel: one scale per row and block.
     pub(in crate::model) fn fake_quant(v: &[f32], group: usize) -> Vec<f64> {
         v.chunks(group)
@@ -659,17 +672,6 @@ pub(super) mod tests {
     fn kernels_agree_bit_for_bit() {
         // Every value at ±127 after rounding: the largest products, where a 16-bit pair sum
         // would saturate if the AVX2 kernel kept the activation offset.
-        let extreme = |len: usize, flip: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| {
-                    if (i / flip).is_multiple_of(2) {
-                        3.0
-                    } else {
-                        -3.0
-                    }
-                })
-                .collect()
-        };
         for kernel in Kernel::available() {
             for &(m, n, k) in &[(1, 16, 32), (7, 70, 96), (17, 600, 576), (3, 5, 1536)] {
                 let cases = [
