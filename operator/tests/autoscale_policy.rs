@@ -374,6 +374,18 @@ fn violations_lower_the_capacity_estimate_in_steps_and_only_when_they_say_so() {
     // While replicas are starting, a violation is expected and says nothing about them.
     let (_, starting) = decide(&c, &PolicyState::default(), &at(100.0, &[20.0]));
     assert_eq!(starting.capacity, Some(1000.0));
+    // Nor while replicas asked for do not exist yet: in `external` mode, a recommendation of 6
+    // that KEDA has not followed.
+    let (d, unfollowed) = decide(
+        &c,
+        &PolicyState::default(),
+        &Observation {
+            current: 6,
+            ..at(100.0, &[])
+        },
+    );
+    assert_eq!(unfollowed.capacity, Some(1000.0));
+    assert_eq!(d.to, 6, "feedback waits for them too: {d:?}");
 }
 
 #[test]

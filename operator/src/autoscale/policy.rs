@@ -252,6 +252,13 @@ pub fn decide(
         .filter(|a| **a <= 2.0 * startup)
         .count() as u32;
     let counted = obs.ready + coming;
+    // Replicas asked for that do not exist yet: not yet created, or in `external` mode a
+    // recommendation HPA or KEDA has not followed yet. Like starting ones, the SLO error read
+    // now was measured without them.
+    let not_created = obs
+        .current
+        .saturating_sub(obs.ready + obs.starting_ages.len() as u32);
+    let waiting_for_replicas = coming + not_created > 0;
     let load_burst = next.capacity.is_some_and(|cap| {
         s.recent_tokens_per_second > cfg.panic_load_ratio * cap * f64::from(counted.max(1))
     });
@@ -263,7 +270,7 @@ pub fn decide(
     // at most once per window, so the effect of one cut is seen before the next.
     if measured {
         let cap = next.capacity.unwrap_or(per_replica);
-        let settled = coming == 0
+        let settled = !waiting_for_replicas
             && !load_burst
             && next
                 .last_capacity_cut
@@ -314,7 +321,7 @@ pub fn decide(
     // It waits for replicas already starting: the error it reads was measured without them, and
     // it stays high until they serve, so acting on it again would ask twice for one deficit.
     // Bursts beyond them are the panic path's (load and queue), which does not wait.
-    let feedback = (violated && !floor && coming == 0).then(|| {
+    let feedback = (violated && !floor && !waiting_for_replicas).then(|| {
         let gain = 1.0 + cfg.feedback_gain * (slo_err - 1.0).min(3.0);
         (f64::from(ready) * gain).ceil().max(f64::from(ready) + 1.0)
     });
