@@ -58,6 +58,7 @@ fn args(seed: u64) -> SimulateArgs {
         out: std::env::temp_dir(),
         sweep: false,
         prior_error: 1.0,
+        external: false,
     }
 }
 
@@ -146,6 +147,30 @@ fn the_fleet_file_bounds_replicas_by_the_pools() {
     assert_eq!(f.pool_replicas, 24);
     assert_eq!(f.bounds(), (1, 24));
     assert!((f.replica_price() - 4.0 * 2.99).abs() < 1e-9);
+}
+
+#[test]
+fn external_mode_runs_behind_keda_on_its_sync_period() {
+    let a = sim::simulate(&SimulateArgs {
+        external: true,
+        ..args(3)
+    })
+    .unwrap();
+    let names: Vec<&str> = a.summaries.iter().map(|s| s.name).collect();
+    assert_eq!(names.len(), 7, "{names:?}");
+    assert_eq!(names[6], "llmo-via-keda");
+    let run = &a.runs[6];
+    assert!(
+        !run.actions.is_empty(),
+        "KEDA never followed a recommendation"
+    );
+    // KEDA's HPA changes the count only on its 15 s sync.
+    for (t, from, to) in &run.actions {
+        assert!(t % 15.0 == 0.0, "{from} -> {to} at {t}s");
+    }
+    // Only llmo's own run writes decisions.csv.
+    assert!(run.decisions.is_empty());
+    assert!(!a.runs[4].decisions.is_empty());
 }
 
 #[test]

@@ -98,6 +98,11 @@ pub struct SimulateArgs {
     /// planner's latency model is off: shows how the estimate follows the SLO.
     #[arg(long, default_value_t = 1.0)]
     pub prior_error: f64,
+    /// Also run llmo's policy in `external` mode, its recommendation followed by KEDA's HPA
+    /// (`llmo-via-keda`: 15 s sync on a 15 s old value, tolerance 0.1), as
+    /// examples/autoscaling/keda-scaledobject.yaml sets it up.
+    #[arg(long)]
+    pub external: bool,
 }
 
 /// Everything one simulation produced.
@@ -269,6 +274,8 @@ pub struct Setup {
     pub bursts: Vec<f64>,
     /// Length of the run, seconds.
     pub duration: f64,
+    /// Whether the comparison includes llmo in `external` mode behind KEDA.
+    pub external: bool,
 }
 
 impl Setup {
@@ -344,6 +351,7 @@ impl Setup {
             ttft_target,
             itl_target,
             duration,
+            external: args.external,
         })
     }
 
@@ -410,13 +418,13 @@ pub fn simulate(args: &SimulateArgs) -> Result<Simulation, SimError> {
     Ok(compare(&setup))
 }
 
-/// Runs every strategy at its default setting.
+/// Runs every strategy at its default setting (and llmo behind KEDA when asked for).
 pub fn compare(setup: &Setup) -> Simulation {
-    let runs = setup.run_all(Scaler::defaults(
-        &setup.knowledge,
-        &setup.policy,
-        setup.cold_start,
-    ));
+    let mut scalers = Scaler::defaults(&setup.knowledge, &setup.policy, setup.cold_start);
+    if setup.external {
+        scalers.push(Scaler::slo_via_keda(setup.policy.clone(), setup.cold_start));
+    }
+    let runs = setup.run_all(scalers);
     let summaries = runs.iter().map(|r| setup.summarize(r)).collect();
     Simulation {
         fit: setup.fit.clone(),

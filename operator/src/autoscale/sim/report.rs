@@ -210,8 +210,8 @@ pub fn timeline_csv(sim: &Simulation) -> String {
     s
 }
 
-const COLORS: [&str; 6] = [
-    "#888888", "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c",
+const COLORS: [&str; 7] = [
+    "#888888", "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#17becf",
 ];
 
 /// Three stacked panels: demand, replicas per strategy, TTFT p95 (log scale) per strategy.
@@ -273,14 +273,14 @@ pub fn svg(sim: &Simulation) -> String {
         .unwrap_or(1)
         .max(1) as f64;
     frame(&mut s, y1, "replicas (target)", "0", &format!("{rmax:.0}"));
-    for (r, c) in sim.runs.iter().zip(COLORS) {
+    for (r, c) in sim.runs.iter().map(|r| (r, strategy_color(r.name))) {
         let ys: Vec<f64> = r.targets.iter().map(|v| f64::from(*v)).collect();
         polyline(&mut s, &ys, y1, 0.0, rmax, c, false);
     }
     // TTFT p95.
     let y2 = top + 2.0 * (panel + 40.0);
     frame(&mut s, y2, "TTFT p95 per 10 s (log scale)", "10ms", "100s");
-    for (r, c) in sim.runs.iter().zip(COLORS) {
+    for (r, c) in sim.runs.iter().map(|r| (r, strategy_color(r.name))) {
         polyline(
             &mut s,
             &ttft_series(&r.outcomes, sim.duration),
@@ -293,8 +293,13 @@ pub fn svg(sim: &Simulation) -> String {
     }
     // Legend and time axis.
     let ly = y2 + panel + 36.0;
-    for (i, (r, c)) in sim.runs.iter().zip(COLORS).enumerate() {
-        let lx = left + i as f64 * 150.0;
+    for (i, (r, c)) in sim
+        .runs
+        .iter()
+        .map(|r| (r, strategy_color(r.name)))
+        .enumerate()
+    {
+        let lx = left + i as f64 * (plot_w / sim.runs.len().max(1) as f64).min(150.0);
         let _ = writeln!(s, "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{c}\"/><text x=\"{}\" y=\"{ly}\">{}</text>", ly - 10.0, lx + 16.0, r.name);
     }
     let _ = writeln!(
@@ -492,7 +497,8 @@ fn strategy_color(name: &str) -> &'static str {
         "keda-queue" => COLORS[2],
         "planner-180s" => COLORS[3],
         "llmo-slo" => COLORS[4],
-        _ => COLORS[5],
+        "oracle" => COLORS[5],
+        _ => COLORS[6],
     }
 }
 

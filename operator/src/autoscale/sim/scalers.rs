@@ -1,5 +1,6 @@
 //! The strategies compared: static peak provisioning, HPA on GPU utilization, KEDA on queue depth,
-//! a forecasting planner, llmo's SLO policy and an oracle.
+//! a forecasting planner, llmo's SLO policy and an oracle; on request, llmo's policy in `external`
+//! mode too, its recommendation followed by KEDA.
 
 use super::cluster::Cluster;
 use crate::autoscale::{
@@ -46,7 +47,8 @@ pub enum Scaler {
     /// Re-sizes every 180 s for a linear forecast of the next interval's demand, at
     /// `utilization` of the calibrated capacity.
     Planner { utilization: f64 },
-    /// llmo's policy, on its own scrapes of the pods every interval.
+    /// llmo's policy, on its own scrapes of the pods every interval. With `follower`, it runs as
+    /// in `external` mode: it only recommends, and KEDA sets the count.
     Slo {
         cfg: Box<PolicyConfig>,
         state: PolicyState,
@@ -54,6 +56,7 @@ pub enum Scaler {
         signal: SignalConfig,
         startup: f64,
         decisions: Vec<crate::autoscale::Decision>,
+        follower: Option<Follower>,
     },
     /// Knows the next 30 s of demand and starts replicas instantly, sized at `utilization` of the
     /// calibrated capacity: at 1, a lower bound on GPU time.
@@ -102,7 +105,18 @@ impl Scaler {
             history: ScrapeHistory::default(),
             startup,
             decisions: Vec::new(),
+            follower: None,
         }
+    }
+
+    /// llmo's policy with `cfg` in `external` mode, its recommendation followed by KEDA as
+    /// `examples/autoscaling/keda-scaledobject.yaml` sets it up.
+    pub fn slo_via_keda(cfg: PolicyConfig, startup: f64) -> Self {
+        let mut scaler = Self::slo(cfg, startup);
+        if let Self::Slo { follower, .. } = &mut scaler {
+            *follower = Some(Follower::default());
+        }
+        scaler
     }
 
     /// The strategy's main setting, in words: what a sweep varies.
@@ -126,7 +140,8 @@ impl Scaler {
             Self::Hpa { .. } => "hpa-gpu-util",
             Self::Keda { .. } => "keda-queue",
             Self::Planner { .. } => "planner-180s",
-            Self::Slo { .. } => "llmo-slo",
+            Self::Slo { follower: None, .. } => "llmo-slo",
+            Self::Slo { .. } => "llmo-via-keda",
             Self::Oracle { .. } => "oracle",
         }
     }
@@ -231,6 +246,7 @@ impl Scaler {
                 signal,
                 startup,
                 decisions,
+                follower,
             } => {
                 let scrapes = cluster.scrape(now);
                 for (pod, m) in &scrapes {
@@ -242,22 +258,77 @@ impl Scaler {
                     return current;
                 };
                 let ages = cluster.starting_ages(now);
+                // In external mode the policy runs on its own last recommendation, as the
+                // operator's autoscaler does.
+                let chosen = follower
+                    .as_ref()
+                    .and_then(|f| f.published.last().map(|p| p.1))
+                    .unwrap_or(current);
                 let obs = crate::autoscale::Observation {
                     now,
                     signals: &signals,
                     ready: cluster.ready(now),
                     starting_ages: &ages,
-                    current,
+                    current: chosen,
                     startup_time: Some(*startup),
                 };
                 let (decision, next) = decide(cfg, state, &obs);
                 *state = next;
                 let to = decision.to;
-                if to != decision.from {
-                    decisions.push(decision);
+                match follower {
+                    Some(f) => {
+                        f.published.push((now, to));
+                        f.follow(now, current, k)
+                    }
+                    None => {
+                        if to != decision.from {
+                            decisions.push(decision);
+                        }
+                        to
+                    }
                 }
-                to
             }
+        }
+    }
+}
+
+/// KEDA following llmo's exported recommendation: a Prometheus trigger on
+/// `llmo_operator_deployment_replicas{kind="recommended"}` with `metricType: AverageValue` and a
+/// threshold of 1, so the HPA KEDA creates wants `ceil(recommended / 1)` replicas. The HPA syncs
+/// every 15 s and reads a value 15 s old (the operator's scrape interval); its tolerance of 0.1
+/// applies; scale-down stabilization is 0, as in the example, since the recommendation already
+/// waits out llmo's own.
+#[derive(Debug, Default)]
+pub struct Follower {
+    /// The recommendations (time, replicas) of the last minute, oldest first.
+    pub published: Vec<(f64, u32)>,
+}
+
+impl Follower {
+    /// HPA sync period, seconds.
+    const SYNC: f64 = 15.0;
+    /// Age of the value the HPA reads: one Prometheus scrape interval.
+    const LAG: f64 = 15.0;
+
+    /// The count KEDA's HPA sets at `now` with `current` replicas.
+    pub fn follow(&mut self, now: f64, current: u32, k: &Knowledge) -> u32 {
+        self.published.retain(|(t, _)| *t > now - 60.0);
+        if now % Self::SYNC != 0.0 {
+            return current;
+        }
+        let Some(&(_, recommended)) = self
+            .published
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= now - Self::LAG)
+        else {
+            return current;
+        };
+        let ratio = f64::from(recommended) / f64::from(current.max(1));
+        if (ratio - 1.0).abs() <= 0.1 {
+            current
+        } else {
+            recommended.clamp(k.min, k.max)
         }
     }
 }
@@ -280,5 +351,46 @@ fn hpa_stabilize(history: &mut Vec<(f64, u32)>, now: f64, raw: u32, current: u32
             .max()
             .unwrap_or(raw)
             .min(current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn knowledge(max: u32) -> Knowledge {
+        Knowledge {
+            capacity: 1.0,
+            concurrency: 1.0,
+            demand_60: Vec::new(),
+            demand_10: Vec::new(),
+            utilization: 0.8,
+            min: 1,
+            max,
+        }
+    }
+
+    #[test]
+    fn keda_follows_the_recommendation_a_scrape_late_at_each_sync() {
+        let k = knowledge(12);
+        let mut f = Follower::default();
+        for (t, r) in [(0.0, 4), (5.0, 8), (10.0, 8), (15.0, 8)] {
+            f.published.push((t, r));
+        }
+        // Between syncs nothing changes.
+        assert_eq!(f.follow(20.0, 4, &k), 4);
+        // At 15 s the newest value 15 s old is the one published at 0 s.
+        assert_eq!(f.follow(15.0, 4, &k), 4);
+        // At 30 s it is the one published at 15 s.
+        assert_eq!(f.follow(30.0, 4, &k), 8);
+        // Within HPA's tolerance of 0.1 the count holds.
+        let k = knowledge(40);
+        f.published.push((30.0, 21));
+        assert_eq!(f.follow(45.0, 20, &k), 20);
+        // Beyond it, the recommendation, within the bounds.
+        f.published.push((45.0, 50));
+        assert_eq!(f.follow(60.0, 20, &k), 40);
+        // Only the last minute is kept.
+        assert!(f.published.iter().all(|(t, _)| *t > 0.0));
     }
 }
