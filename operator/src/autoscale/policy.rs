@@ -155,6 +155,8 @@ pub struct PolicyState {
     first_decision: Option<f64>,
     /// When an SLO violation last lowered the capacity estimate.
     last_capacity_cut: Option<f64>,
+    /// Since when some replicas asked for have not existed (neither ready nor starting).
+    missing_since: Option<f64>,
 }
 
 /// Share of the capacity estimate a violation at the operating point takes off.
@@ -254,11 +256,21 @@ pub fn decide(
     let counted = obs.ready + coming;
     // Replicas asked for that do not exist yet: not yet created, or in `external` mode a
     // recommendation HPA or KEDA has not followed yet. Like starting ones, the SLO error read
-    // now was measured without them.
+    // now was measured without them; and like starting ones they are waited for only so long
+    // (twice the start-up time): a recommendation HPA's tolerance ignores, or a group that
+    // cannot be placed, must not stop the policy from reading its own SLO error for good.
     let not_created = obs
         .current
         .saturating_sub(obs.ready + obs.starting_ages.len() as u32);
-    let waiting_for_replicas = coming + not_created > 0;
+    if not_created > 0 {
+        next.missing_since.get_or_insert(obs.now);
+    } else {
+        next.missing_since = None;
+    }
+    let missing_awaited = next
+        .missing_since
+        .is_some_and(|t| obs.now - t <= 2.0 * startup);
+    let waiting_for_replicas = coming > 0 || missing_awaited;
     let load_burst = next.capacity.is_some_and(|cap| {
         s.recent_tokens_per_second > cfg.panic_load_ratio * cap * f64::from(counted.max(1))
     });
