@@ -418,6 +418,20 @@ fn the_whole_loop_on_a_local_cluster() {
         ("1".to_owned(), 1),
         "in external mode llmo does not scale by itself"
     );
+    // Nor does the autoscaler still claim `desiredReplicas` (server-side apply ownership), which
+    // it owned in slo mode: the count is the scale subresource's.
+    let owned = c.get(&[
+        "get",
+        "md",
+        "smollm2",
+        "--show-managed-fields",
+        "-o",
+        r#"jsonpath={.metadata.managedFields[?(@.manager=="llmo-autoscaler")].fieldsV1}"#,
+    ]);
+    assert!(
+        owned.contains("f:autoscaling") && !owned.contains("f:desiredReplicas"),
+        "the autoscaler's fields in external mode: {owned}"
+    );
     c.plane.ok(&["scale", "md", "smollm2", "--replicas=2"]);
     until("two groups from the scale subresource", minutes(2), || {
         (c.md("{.spec.replicas.count}/{.status.desiredReplicas}") == "2/2"

@@ -291,19 +291,13 @@ async fn round(
     let external = md.spec.autoscaling.mode == AutoscalingMode::External;
     // The count the policy last chose: applied (`desiredReplicas`) in `slo` mode, recommended in
     // `external` mode, where it starts from the count HPA or KEDA set.
-    let current = if external {
-        autoscaling
-            .recommended_replicas
-            .and_then(|r| u32::try_from(r).ok())
-            .filter(|r| *r > 0)
-            .unwrap_or_else(|| desired_replicas(md))
-    } else {
-        u32::try_from(status.desired_replicas)
-            .ok()
-            .filter(|d| *d > 0)
-            .unwrap_or(cfg.min)
-    }
-    .clamp(cfg.min, cfg.max.max(cfg.min));
+    let recommended = autoscaling
+        .recommended_replicas
+        .and_then(|r| u32::try_from(r).ok())
+        .filter(|r| *r > 0 && external);
+    let current = recommended
+        .unwrap_or_else(|| desired_replicas(md))
+        .clamp(cfg.min, cfg.max.max(cfg.min));
     let mut desired = current;
     if let Ok(s) = &signals {
         let obs = Observation {

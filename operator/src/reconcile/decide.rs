@@ -20,17 +20,25 @@ use crate::{
 };
 
 /// Replicas the deployment should have now, before autoscaling: `replicas.count` in external
-/// mode, otherwise the autoscaler's last decision, clamped to the bounds.
+/// mode, otherwise the autoscaler's last decision, clamped to the bounds. Without either (a
+/// switch of mode, where the other writer's field is gone), the last known count holds rather
+/// than `replicas.min`: `desiredReplicas`, then the autoscaler's recommendation, then the
+/// replicas running.
 pub fn desired_replicas(md: &ModelDeployment) -> u32 {
     let r = &md.spec.replicas;
+    let last = md.status.as_ref().and_then(|s| {
+        [
+            Some(s.desired_replicas),
+            s.autoscaling.as_ref().and_then(|a| a.recommended_replicas),
+            Some(s.replicas),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|n| *n > 0)
+    });
     let wanted = match md.spec.autoscaling.mode {
-        AutoscalingMode::External => r.count.unwrap_or(r.min),
-        AutoscalingMode::Slo => md
-            .status
-            .as_ref()
-            .map(|s| s.desired_replicas)
-            .filter(|d| *d > 0)
-            .unwrap_or(r.min),
+        AutoscalingMode::External => r.count.or(last).unwrap_or(r.min),
+        AutoscalingMode::Slo => last.unwrap_or(r.min),
     };
     u32::try_from(wanted.clamp(r.min, r.max.max(r.min))).unwrap_or(1)
 }
@@ -288,6 +296,59 @@ mod tests {
             draining_since: None,
             deleting: false,
         }
+    }
+
+    fn deployment(mode: &str, count: Option<i32>, status: serde_json::Value) -> ModelDeployment {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "llmo.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "default"},
+            "spec": {
+                "model": {"uri": "hf://a/b"}, "gpu": {"class": "l4"},
+                "replicas": {"min": 1, "max": 8, "count": count},
+                "autoscaling": {"mode": mode},
+            },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_switch_of_autoscaling_mode_keeps_the_replica_count() {
+        use serde_json::json;
+        // Each mode reads its own writer's count.
+        let running = json!({"replicas": 5, "desiredReplicas": 5});
+        assert_eq!(
+            desired_replicas(&deployment("slo", None, running.clone())),
+            5
+        );
+        assert_eq!(
+            desired_replicas(&deployment("external", Some(3), running)),
+            3
+        );
+        // external -> slo: the autoscaler gave up `desiredReplicas` in external mode and the
+        // reconciler no longer writes it, so it is gone; the recommendation holds, not min.
+        let after_external = json!({"replicas": 5, "autoscaling": {"recommendedReplicas": 4}});
+        assert_eq!(
+            desired_replicas(&deployment("slo", None, after_external)),
+            4
+        );
+        // Without a recommendation either, the groups running hold.
+        assert_eq!(
+            desired_replicas(&deployment("slo", None, json!({"replicas": 5}))),
+            5
+        );
+        // slo -> external before anything set `replicas.count`: the last count holds.
+        let after_slo = json!({"replicas": 5, "desiredReplicas": 6});
+        assert_eq!(
+            desired_replicas(&deployment("external", None, after_slo)),
+            6
+        );
+        // A new deployment starts at min; counts are clamped to the bounds.
+        assert_eq!(desired_replicas(&deployment("slo", None, json!({}))), 1);
+        assert_eq!(
+            desired_replicas(&deployment("external", Some(20), json!({}))),
+            8
+        );
     }
 
     #[test]
