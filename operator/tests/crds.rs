@@ -185,6 +185,16 @@ fn the_keda_example_follows_the_exported_recommendation() {
     // AverageValue with threshold 1: the HPA sets ceil(value / 1) replicas, the recommendation.
     assert_eq!(trigger["metricType"], "AverageValue");
     assert_eq!(trigger["metadata"]["threshold"], "1");
+    // A missing series holds the count instead of reading as zero.
+    assert_eq!(trigger["metadata"]["ignoreNullValues"], "false");
+    // Scale-ups are not capped at HPA's default of 100 % or 4 replicas per 15 s.
+    let behavior = &doc["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"];
+    assert!(
+        behavior["scaleUp"]["policies"][0]["value"]
+            .as_i64()
+            .unwrap()
+            >= 1000
+    );
     let query = trigger["metadata"]["query"].as_str().unwrap();
 
     let metrics = llmo_operator::reconcile::telemetry::Metrics::new();
