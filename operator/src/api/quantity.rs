@@ -38,8 +38,9 @@ pub fn quantity_value(q: &Quantity) -> Result<f64, QuantityError> {
 }
 
 /// Parses the quantity grammar Kubernetes accepts (and [`QUANTITY_PATTERN`] admits): decimal
-/// and binary suffixes (`n` … `E`, `Ki` … `Ei`) and exponents (`1e9`, `2.5E-3`). A negative
-/// quantity is refused: nothing llmo reads may be below zero.
+/// and binary suffixes (`n` … `E`, `Ki` … `Ei`) and whole exponents (`1e9`, `2.5E-3`). A
+/// negative quantity is refused: nothing llmo reads may be below zero; so is one too large for
+/// a float.
 pub fn parse_quantity(input: &str) -> Result<f64, QuantityError> {
     let err = |reason| QuantityError {
         input: input.to_owned(),
@@ -76,17 +77,21 @@ pub fn parse_quantity(input: &str) -> Result<f64, QuantityError> {
         "Ei" => 1024f64.powi(6),
         exponent => match exponent
             .strip_prefix(['e', 'E'])
-            .and_then(|e| e.parse::<f64>().ok())
+            .and_then(|e| e.parse::<i32>().ok())
         {
-            Some(e) if e.is_finite() => 10f64.powf(e),
+            Some(e) => 10f64.powi(e),
             _ => {
                 return Err(err(
-                    "the suffix is not one of n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or an exponent like e9",
+                    "the suffix is not one of n, u, m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei or a whole exponent like e9",
                 ))
             }
         },
     };
-    Ok(number * scale)
+    let value = number * scale;
+    if !value.is_finite() {
+        return Err(err("it is too large"));
+    }
+    Ok(value)
 }
 
 /// Formats a byte count the way `kubectl` users read it: `38.5Gi`, `512Mi`.
@@ -145,6 +150,12 @@ mod tests {
         }
         for q in ["80GB", "1e", "e3", "1.2.3", "Gi", "1 Gi", "1ki"] {
             assert!(!pattern.is_match(q), "{q}");
+            assert!(parse_quantity(q).is_err(), "{q}");
+        }
+        // The pattern admits these; Kubernetes' parser does not (its exponents are whole
+        // numbers, its values finite), and neither does this one.
+        for q in ["1e1.5", "1e400"] {
+            assert!(pattern.is_match(q), "{q}");
             assert!(parse_quantity(q).is_err(), "{q}");
         }
     }

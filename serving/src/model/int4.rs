@@ -22,7 +22,9 @@
 
 use half::f16;
 
-use super::int8::{quantize_acts, run_tiles, Acts, Kernel, BLOCK, MR};
+#[cfg(target_arch = "x86_64")]
+use super::int8::MR;
+use super::int8::{quantize_acts, run_tiles, Acts, Kernel, BLOCK};
 
 /// Output rows per weight panel.
 const LANES: usize = 16;
