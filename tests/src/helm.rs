@@ -39,7 +39,36 @@ pub fn helm_binary() -> PathBuf {
 
 impl ControlPlane {
     /// Runs `helm ARGS` against this control plane; panics with its output when it fails.
+    ///
+    /// An `install` whose post-install hook (the GPUClasses) meets Helm's discovery cache before
+    /// the chart's CRDs are served ("no matches for kind … ensure CRDs are installed first", seen
+    /// on a loaded machine) is completed as a user would: once the CRDs are established, the same
+    /// release again with `upgrade --install`, which reruns the hook.
     pub fn helm(&self, args: &[&str]) -> String {
+        let (ok, text) = self.try_helm(args);
+        if !ok && args.first() == Some(&"install") && text.contains("ensure CRDs are installed") {
+            self.ok(&[
+                "wait",
+                "--for",
+                "condition=established",
+                "crd",
+                "--all",
+                "--timeout",
+                "60s",
+            ]);
+            let again: Vec<&str> = ["upgrade", "--install"]
+                .into_iter()
+                .chain(args[1..].iter().copied())
+                .collect();
+            let (ok, retried) = self.try_helm(&again);
+            assert!(ok, "helm {again:?} after {text}: {retried}");
+            return retried;
+        }
+        assert!(ok, "helm {args:?}: {text}");
+        text
+    }
+
+    fn try_helm(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new(helm_binary())
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
@@ -54,8 +83,7 @@ impl ControlPlane {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "helm {args:?}: {text}");
-        text
+        (out.status.success(), text)
     }
 
     /// The control plane's state directory (kubeconfig, logs).

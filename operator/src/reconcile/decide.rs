@@ -22,15 +22,14 @@ use crate::{
 /// Replicas the deployment should have now, before autoscaling: `replicas.count` in external
 /// mode, otherwise the autoscaler's last decision, clamped to the bounds. Without either (a
 /// switch of mode, where the other writer's field is gone), the last known count holds rather
-/// than `replicas.min`: `desiredReplicas`, then the autoscaler's recommendation, then the
-/// replicas running.
+/// than `replicas.min`: `desiredReplicas`, then the autoscaler's recommendation. Never the
+/// groups that exist: during a rollout they include the surge, which would then be kept.
 pub fn desired_replicas(md: &ModelDeployment) -> u32 {
     let r = &md.spec.replicas;
     let last = md.status.as_ref().and_then(|s| {
         [
             Some(s.desired_replicas),
             s.autoscaling.as_ref().and_then(|a| a.recommended_replicas),
-            Some(s.replicas),
         ]
         .into_iter()
         .flatten()
@@ -332,10 +331,11 @@ mod tests {
             desired_replicas(&deployment("slo", None, after_external)),
             4
         );
-        // Without a recommendation either, the groups running hold.
+        // Without a recommendation either, min: the groups that exist are no count to hold, as
+        // during a rollout they include the surge.
         assert_eq!(
             desired_replicas(&deployment("slo", None, json!({"replicas": 5}))),
-            5
+            1
         );
         // slo -> external before anything set `replicas.count`: the last count holds.
         let after_slo = json!({"replicas": 5, "desiredReplicas": 6});
