@@ -120,6 +120,11 @@ impl ControlPlane {
     /// Installs the CRDs (the variant a v1.20 server accepts) and waits until they are served.
     pub fn install_crds(&self) {
         self.ok(&["apply", "-f", "crds/without-cel/"]);
+        self.wait_for_crds();
+    }
+
+    /// Waits until every CRD on the server is established (served), at most 60 s.
+    pub fn wait_for_crds(&self) {
         self.ok(&[
             "wait",
             "--for",

@@ -47,15 +47,7 @@ impl ControlPlane {
     pub fn helm(&self, args: &[&str]) -> String {
         let (ok, text) = self.try_helm(args);
         if !ok && args.first() == Some(&"install") && text.contains("ensure CRDs are installed") {
-            self.ok(&[
-                "wait",
-                "--for",
-                "condition=established",
-                "crd",
-                "--all",
-                "--timeout",
-                "60s",
-            ]);
+            self.wait_for_crds();
             let again: Vec<&str> = ["upgrade", "--install"]
                 .into_iter()
                 .chain(args[1..].iter().copied())

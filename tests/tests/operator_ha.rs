@@ -102,15 +102,7 @@ fn the_chart_installs_and_the_operator_works_with_its_service_account_alone() {
     ]);
     assert!(out.contains("STATUS: deployed"), "{out}");
     // The CRDs (the variant 1.20 accepts) and the default GPUClasses from the post-install hook.
-    plane.ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "crd",
-        "--all",
-        "--timeout",
-        "60s",
-    ]);
+    plane.wait_for_crds();
     let classes = plane.eventually(
         "the default GPUClasses",
         &[

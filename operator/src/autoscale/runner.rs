@@ -366,14 +366,9 @@ async fn round(
         debug!(deployment = %md.name_any(), reason = e.reason, message = %e.message, "no signals");
         record_hold(&mut autoscaling, current, e);
     }
-    out.metrics.record_recommendation(
-        &md.namespace().unwrap_or_default(),
-        &md.name_any(),
-        autoscaling
-            .recommended_replicas
-            .and_then(|r| u32::try_from(r).ok())
-            .unwrap_or(current),
-    );
+    // The policy's count this round (`current` when there were no signals to decide on).
+    out.metrics
+        .record_recommendation(&md.namespace().unwrap_or_default(), &md.name_any(), desired);
     let (_, reason, message) = metrics_condition(&signals);
     autoscaling.metrics_reason = Some(reason.to_owned());
     autoscaling.metrics_message = Some(message);

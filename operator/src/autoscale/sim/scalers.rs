@@ -216,7 +216,7 @@ impl Scaler {
                 }
                 let util = window.iter().sum::<f64>() / window.len() as f64;
                 let ratio = util / *target;
-                let raw = if (ratio - 1.0).abs() <= 0.1 {
+                let raw = if within_hpa_tolerance(ratio) {
                     current
                 } else {
                     (f64::from(current) * ratio).ceil() as u32
@@ -232,7 +232,7 @@ impl Scaler {
                     return current;
                 };
                 let ratio = sample.2 / (*per_replica * f64::from(current.max(1)));
-                let raw = if (ratio - 1.0).abs() <= 0.1 {
+                let raw = if within_hpa_tolerance(ratio) {
                     current
                 } else {
                     (sample.2 / *per_replica).ceil() as u32
@@ -325,12 +325,18 @@ impl Follower {
             return current;
         };
         let ratio = f64::from(recommended) / f64::from(current.max(1));
-        if (ratio - 1.0).abs() <= 0.1 {
+        if within_hpa_tolerance(ratio) {
             current
         } else {
             recommended.clamp(k.min, k.max)
         }
     }
+}
+
+/// HPA leaves the count alone while the metric is within 10 % of its target
+/// (`--horizontal-pod-autoscaler-tolerance`, default 0.1); so do the strategies built on it.
+fn within_hpa_tolerance(ratio: f64) -> bool {
+    (ratio - 1.0).abs() <= 0.1
 }
 
 fn per_capacity(demand: f64, capacity: f64, k: &Knowledge) -> u32 {
